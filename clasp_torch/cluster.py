@@ -1,0 +1,455 @@
+"""Clustering stage of CLASP: batched k-means, exact mean silhouette, K selection.
+
+All K of every image's band, all images and all k-means restarts run as one batch of
+"problems". A problem ``p`` is one (image, K) pair; it clusters the ``n_b`` real patches of its
+image in the space of the first ``K`` eigenvectors into ``K`` clusters. Problems are stored
+padded: points ``(P, N, d)`` with a point mask, and ``K`` per problem (centres beyond ``K`` are
+masked out, coordinates beyond ``K`` are zero so they do not change any distance).
+
+Randomness comes from a counter-based hash of ``(seed, K, restart, centre, trial)``, so the
+result of an image depends only on the seed and its own data: the same image gives the same
+labels alone or inside any batch, on any device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .spectral import SpectralResult
+
+__all__ = [
+    "KMeansResult",
+    "kmeans",
+    "silhouette_score",
+    "silhouette_samples",
+    "ClusterSelection",
+    "select_k",
+    "KBandClustering",
+    "hash_uniform",
+]
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Integer avalanche hash on the low 32 bits of an int64 tensor (multipliers < 2**31)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x446CA68B) & _MASK32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_uniform(seed: int, *keys: Tensor) -> Tensor:
+    """Counter-based uniform numbers in [0, 1) from integer keys (broadcast together).
+
+    Deterministic on every device and independent of how problems are batched.
+
+    Example:
+        >>> u = hash_uniform(0, torch.arange(4))
+        >>> bool(((u >= 0) & (u < 1)).all()), u.dtype
+        (True, torch.float64)
+    """
+    h = torch.as_tensor(seed & _MASK32, dtype=torch.int64)
+    h = _hash32(h + 0x9E3779B9)
+    out = None
+    for k in keys:
+        base = h if out is None else out
+        out = _hash32(base.to(k.device) ^ _hash32(k.long() + 0x632BE5AB))
+    assert out is not None
+    return out.double() / 4294967296.0
+
+
+@dataclass
+class KMeansResult:
+    """Result of a batch of k-means problems.
+
+    Attributes:
+        labels: ``(P, N)`` int64 cluster of each point (``-1`` on padded points).
+        centers: ``(P, C, d)`` centres (rows ``>= K_p`` are zero).
+        inertia: ``(P,)`` sum of squared distances to the closest centre (best restart).
+        n_iter: number of Lloyd iterations run (max over problems).
+    """
+
+    labels: Tensor
+    centers: Tensor
+    inertia: Tensor
+    n_iter: int
+
+
+def _kmeanspp(x: Tensor, x2: Tensor, pmask: Tensor, n: Tensor, k: Tensor, n_init: int, seed: int) -> Tensor:
+    """Greedy k-means++ initialisation, batched over problems and restarts.
+
+    Returns centres ``(P, I, C, d)``.
+    """
+    P, N, d = x.shape
+    C = int(k.max())
+    dev = x.device
+    I = n_init
+    trials = 2 + int(math.log(max(C, 2)))
+    ar_i = torch.arange(I, device=dev).view(1, I)
+    kk = k.view(P, 1)
+    # first centre: uniform among the real points
+    u0 = hash_uniform(seed, kk, ar_i, torch.zeros(1, 1, dtype=torch.long, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev))
+    first = (u0 * n.view(P, 1).double()).long().clamp(max=N - 1)  # (P, I)
+    centres = torch.zeros(P, I, C, d, dtype=x.dtype, device=dev)
+    pts = x.gather(1, first.reshape(P, I, 1).expand(P, I, d))  # (P, I, d)
+    centres[:, :, 0] = pts
+    fm = pmask.to(x.dtype).unsqueeze(1)  # (P, 1, N)
+    closest = ((x.unsqueeze(1) - pts.unsqueeze(2)) ** 2).sum(-1) * fm  # (P, I, N)
+    ar_t = torch.arange(trials, device=dev).view(1, 1, trials)
+    for c in range(1, C):
+        pot = closest.sum(-1, keepdim=True)  # (P, I, 1)
+        u = hash_uniform(seed, kk.unsqueeze(-1), ar_i.unsqueeze(-1), torch.full((1, 1, 1), c, device=dev), ar_t)
+        cum = closest.cumsum(-1)  # (P, I, N)
+        target = u.to(x.dtype) * pot  # (P, I, T)
+        cand = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=N - 1)
+        cand = torch.minimum(cand, (n.view(P, 1, 1) - 1))
+        cpts = x.gather(1, cand.reshape(P, I * trials, 1).expand(P, I * trials, d)).reshape(P, I, trials, d)
+        # distances of every point to every candidate: (P, I, T, N)
+        cd = (x2[:, None, None, :] - 2 * torch.einsum("pnd,pitd->pitn", x, cpts) + (cpts * cpts).sum(-1, keepdim=True)).clamp_min(0)
+        newc = torch.minimum(closest.unsqueeze(2), cd) * fm.unsqueeze(2)
+        best = newc.sum(-1).argmin(-1)  # (P, I)
+        closest = newc.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, N)).squeeze(2)
+        chosen = cpts.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, d)).squeeze(2)
+        active = (c < k).view(P, 1, 1).to(x.dtype)
+        centres[:, :, c] = chosen * active
+    return centres
+
+
+def kmeans(
+    x: Tensor,
+    k: Tensor,
+    point_mask: Tensor | None = None,
+    *,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int = 0,
+    check_every: int = 5,
+) -> KMeansResult:
+    """Batched Lloyd k-means with greedy k-means++ init and empty-cluster relocation.
+
+    Args:
+        x: ``(P, N, d)`` points of ``P`` independent problems (padded).
+        k: ``(P,)`` number of clusters per problem (``1 <= k_p <= n_p``).
+        point_mask: ``(P, N)`` boolean, True on real points (real points first).
+        n_init: restarts, run as a batch dimension; the lowest inertia wins.
+        max_iter: maximum Lloyd iterations.
+        tol: convergence when the squared centre shift of every restart is at most
+            ``tol`` times the mean per-dimension variance of its problem (sklearn's rule).
+        seed: seed of the counter-based random numbers.
+        check_every: convergence is checked every this many iterations (fewer host syncs).
+
+    Returns:
+        :class:`KMeansResult`.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pts = torch.cat([torch.randn(20, 2, generator=g), torch.randn(20, 2, generator=g) + 10])
+        >>> r = kmeans(pts[None], torch.tensor([2]))
+        >>> r.labels[0, :20].unique().numel(), r.labels[0, 20:].unique().numel()
+        (1, 1)
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (P, N, d), got {tuple(x.shape)}")
+    P, N, d = x.shape
+    dev = x.device
+    if point_mask is None:
+        point_mask = torch.ones(P, N, dtype=torch.bool, device=dev)
+    if point_mask.shape != (P, N):
+        raise ValueError(f"point_mask must have shape {(P, N)}, got {tuple(point_mask.shape)}")
+    k = torch.as_tensor(k, device=dev).long().view(-1)
+    if k.shape[0] != P:
+        raise ValueError(f"k must have one entry per problem ({P}), got {k.shape[0]}")
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    n = point_mask.sum(-1)
+    if bool((k < 1).any()) or bool((k > n).any()):
+        raise ValueError("k must satisfy 1 <= k <= number of points for every problem")
+    C = int(k.max())
+    I = n_init
+    fm = point_mask.to(x.dtype)
+    x = x * fm.unsqueeze(-1)
+    x2 = (x * x).sum(-1)
+    cmask = torch.arange(C, device=dev).view(1, 1, C) < k.view(P, 1, 1)  # (P, 1, C)
+    # sklearn: tol scaled by the mean variance of the data
+    mean = (x.sum(1) / n.view(P, 1).to(x.dtype))
+    var = (((x - mean.unsqueeze(1)) ** 2) * fm.unsqueeze(-1)).sum(1) / n.view(P, 1).to(x.dtype)
+    tol_p = tol * var.mean(-1)  # (P,)
+
+    centres = _kmeanspp(x, x2, point_mask, n, k, I, seed).reshape(P * I, C, d)
+    # Restarts become independent problems q = p * I + i; converged ones leave the active set.
+    Q = P * I
+    xq = x.repeat_interleave(I, dim=0)  # (Q, N, d)
+    pmq = point_mask.repeat_interleave(I, dim=0)  # (Q, N)
+    cmq = cmask.squeeze(1).repeat_interleave(I, dim=0)  # (Q, C)
+    tolq = tol_p.repeat_interleave(I)
+    active = torch.arange(Q, device=dev)
+    it = 0
+    for it in range(1, max_iter + 1):
+        xa, pa, ca, cen = xq[active], pmq[active], cmq[active], centres[active]
+        A = active.numel()
+        lab, mind = _assign(xa, cen, ca)  # (A, N)
+        flat = torch.where(pa, lab + C * torch.arange(A, device=dev).view(A, 1), A * C)  # padded → dump
+        sums = torch.zeros(A * C + 1, d, dtype=x.dtype, device=dev).index_add_(0, flat.view(-1), xa.reshape(-1, d))
+        counts = torch.bincount(flat.view(-1), minlength=A * C + 1)[: A * C].view(A, C)
+        new = sums[: A * C].view(A, C, d) / counts.clamp_min(1).unsqueeze(-1).to(x.dtype)
+        empty = (counts == 0) & ca
+        if bool(empty.any()):
+            # relocate empty clusters to the points farthest from their current centre (sklearn)
+            dist = (mind + x2.repeat_interleave(I, dim=0)[active]).masked_fill(~pa, -1.0)
+            far = dist.topk(C, dim=-1).indices  # (A, C)
+            rank = (empty.long().cumsum(-1) - 1).clamp_min(0)
+            pick = far.gather(-1, rank)
+            repl = xa.gather(1, pick.unsqueeze(-1).expand(A, C, d))
+            new = torch.where(empty.unsqueeze(-1), repl, new)
+        new = new * ca.unsqueeze(-1).to(x.dtype)
+        shift = ((new - cen) ** 2).sum((-1, -2))  # (A,)
+        centres[active] = new
+        if it % check_every == 0 or it == max_iter:
+            still = shift > tolq[active]
+            if not bool(still.any()):
+                break
+            active = active[still]
+    lab, mind = _assign(xq, centres, cmq)
+    inertia = ((mind + x2.repeat_interleave(I, dim=0)).clamp_min(0) * pmq.to(x.dtype)).sum(-1).view(P, I)
+    best = inertia.argmin(-1)  # first minimum: the lowest restart index wins ties
+    qb = torch.arange(P, device=dev) * I + best
+    labels = lab[qb].masked_fill(~point_mask, -1)
+    centers = centres[qb]
+    return KMeansResult(labels=labels, centers=centers, inertia=inertia.gather(1, best.view(P, 1)).squeeze(1), n_iter=it)
+
+
+def _assign(x: Tensor, centres: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor]:
+    """Nearest centre of each point: labels ``(Q, N)`` and ``||c||² − 2 x·c`` at the minimum.
+
+    ``x (Q, N, d)``, ``centres (Q, C, d)``, ``cmask (Q, C)``; masked centres never win.
+    """
+    Q, C, _ = centres.shape
+    c2 = (centres * centres).sum(-1).masked_fill(~cmask, float("inf"))  # (Q, C)
+    score = torch.baddbmm(c2.unsqueeze(1), x, centres.transpose(1, 2), alpha=-2)  # (Q, N, C)
+    mind, lab = score.min(-1)
+    return lab, mind
+
+
+def silhouette_samples(
+    x: Tensor,
+    labels: Tensor,
+    n_clusters: int | None = None,
+    point_mask: Tensor | None = None,
+    *,
+    max_block_elements: int = 2**25,
+) -> Tensor:
+    """Exact per-point silhouette (Euclidean), batched over problems, chunked over rows.
+
+    sklearn's semantics: ``a(i)`` mean distance to the other members of its cluster,
+    ``b(i)`` the smallest mean distance to another cluster, ``s(i) = (b − a) / max(a, b)``,
+    ``s(i) = 0`` for members of singleton clusters (and where ``a = b = 0``).
+
+    Args:
+        x: ``(P, N, d)`` points.
+        labels: ``(P, N)`` int64 in ``[0, C)`` (``-1`` on padded points).
+        n_clusters: ``C`` (default ``labels.max() + 1``).
+        point_mask: ``(P, N)`` boolean.
+        max_block_elements: bound on the elements of each distance block ``(P, rows, N)``
+            held at once, which bounds memory at ``O(max_block_elements)``.
+
+    Returns:
+        ``(P, N)`` silhouettes (0 on padded points).
+    """
+    P, N, d = x.shape
+    dev = x.device
+    if point_mask is None:
+        point_mask = labels >= 0
+    C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
+    C = max(C, 1)
+    fm = point_mask.to(x.dtype)
+    lab = labels.clamp_min(0)
+    onehot = torch.nn.functional.one_hot(lab, C).to(x.dtype) * fm.unsqueeze(-1)  # (P, N, C)
+    counts = onehot.sum(1)  # (P, C)
+    # centring reduces cancellation in the ||x||² + ||y||² − 2xy expansion
+    mean = (x * fm.unsqueeze(-1)).sum(1, keepdim=True) / fm.sum(1).clamp_min(1).view(P, 1, 1)
+    xc = (x - mean) * fm.unsqueeze(-1)
+    x2 = (xc * xc).sum(-1)  # (P, N)
+    rows = max(1, min(N, max_block_elements // max(1, P * N)))
+    out = torch.zeros(P, N, dtype=x.dtype, device=dev)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        blk = torch.baddbmm(x2[:, None, :].expand(P, r1 - r0, N), xc[:, r0:r1], xc.transpose(1, 2), alpha=-2)
+        dist = blk.add_(x2[:, r0:r1, None]).clamp_min_(0).sqrt_()  # (P, R, N)
+        # the diagonal must be exactly zero
+        ar = torch.arange(r0, r1, device=dev)
+        dist[:, ar - r0, ar] = 0
+        sums = dist @ onehot  # (P, R, C)
+        own = lab[:, r0:r1]
+        own_cnt = counts.gather(1, own)  # (P, R)
+        a = sums.gather(2, own.unsqueeze(-1)).squeeze(-1) / (own_cnt - 1).clamp_min(1)
+        mean_other = sums / counts.clamp_min(1).unsqueeze(1)
+        excl = (counts.unsqueeze(1) == 0) | torch.nn.functional.one_hot(own, C).bool()
+        b = mean_other.masked_fill(excl, float("inf")).min(-1).values
+        den = torch.maximum(a, b)
+        s = torch.where(den > 0, (b - a) / den.clamp_min(1e-300), torch.zeros_like(a))
+        s = torch.where(torch.isfinite(b) & (own_cnt > 1), s, torch.zeros_like(s))
+        out[:, r0:r1] = s * fm[:, r0:r1]
+    return out
+
+
+def silhouette_score(
+    x: Tensor,
+    labels: Tensor,
+    n_clusters: int | None = None,
+    point_mask: Tensor | None = None,
+    *,
+    max_block_elements: int = 2**25,
+) -> Tensor:
+    """Mean silhouette per problem (sklearn's ``silhouette_score`` semantics).
+
+    Args:
+        x: ``(P, N, d)`` points; labels ``(P, N)``; point_mask ``(P, N)``.
+
+    Returns:
+        ``(P,)`` mean silhouette over the real points; NaN where fewer than two clusters
+        are present (sklearn raises there).
+
+    Example:
+        >>> x = torch.tensor([[[0.0], [0.1], [5.0], [5.2]]])
+        >>> round(float(silhouette_score(x, torch.tensor([[0, 0, 1, 1]]))), 4)
+        0.9701
+    """
+    if point_mask is None:
+        point_mask = labels >= 0
+    s = silhouette_samples(x, labels, n_clusters, point_mask, max_block_elements=max_block_elements)
+    n = point_mask.sum(-1).clamp_min(1)
+    score = s.sum(-1) / n.to(s.dtype)
+    C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
+    present = torch.zeros(labels.shape[0], max(C, 1), dtype=torch.bool, device=labels.device)
+    present.scatter_(1, labels.clamp_min(0), point_mask)
+    n_present = present.sum(-1)
+    return torch.where((n_present >= 2) & (n_present < point_mask.sum(-1)), score, torch.full_like(score, float("nan")))
+
+
+@dataclass
+class ClusterSelection:
+    """Outcome of the K search for a batch of images.
+
+    Attributes:
+        labels: ``(B, N)`` patch labels of the chosen K (``-1`` on padding).
+        k: ``(B,)`` chosen number of clusters.
+        k_values: ``(Kc,)`` the K grid shared by the batch (``k_min .. max k_hi``).
+        scores: ``(B, Kc)`` mean silhouette for every K of each image's band (NaN outside).
+    """
+
+    labels: Tensor
+    k: Tensor
+    k_values: Tensor
+    scores: Tensor
+
+
+def select_k(
+    embedding: Tensor,
+    mask: Tensor,
+    k_lo: Tensor,
+    k_hi: Tensor,
+    *,
+    n_init: int = 10,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_block_elements: int = 2**25,
+    max_problems: int | None = None,
+) -> ClusterSelection:
+    """Run k-means for every K of every image's band at once and keep the best silhouette.
+
+    Args:
+        embedding: ``(B, N, M)`` spectral embedding (eigenvectors as columns, descending).
+        mask: ``(B, N)`` real patches.
+        k_lo, k_hi: ``(B,)`` inclusive K band; ``k_hi < k_lo`` gives a single segment.
+        n_init, max_iter, tol, seed: k-means settings (see :func:`kmeans`).
+        dtype: compute dtype of k-means and silhouette (float32; float64 for exactness tests).
+        max_block_elements: memory bound of the silhouette's distance blocks.
+        max_problems: process at most this many (image, K) problems at once (memory bound);
+            default: all at once.
+
+    Returns:
+        :class:`ClusterSelection`. Ties in silhouette go to the smaller K.
+    """
+    B, N, M = embedding.shape
+    dev = embedding.device
+    n = mask.sum(-1)
+    k_lo = k_lo.to(dev).long()
+    k_hi = k_hi.to(dev).long()
+    kmin_all = int(k_lo.min()) if B else 2
+    kmax_all = int(k_hi.max()) if B else 1
+    labels_out = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    labels_out[mask] = 0
+    if kmax_all < kmin_all:
+        return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(B, 0, dtype=dtype, device=dev))
+    k_values = torch.arange(kmin_all, kmax_all + 1, device=dev)
+    Kc = k_values.numel()
+    in_band = (k_values.view(1, Kc) >= k_lo.view(B, 1)) & (k_values.view(1, Kc) <= k_hi.view(B, 1))
+    b_idx, kc_idx = in_band.nonzero(as_tuple=True)  # problems (P,)
+    kp = k_values[kc_idx]
+    P = b_idx.numel()
+    D = min(M, kmax_all)
+    emb = embedding[..., :D].to(dtype)
+    scores = torch.full((B, Kc), float("nan"), dtype=dtype, device=dev)
+    all_labels = torch.empty(P, N, dtype=torch.long, device=dev)
+    step = P if max_problems is None else max(1, max_problems)
+    for s0 in range(0, P, step):  # memory-bounding chunks, not a per-image loop
+        sl = slice(s0, min(P, s0 + step))
+        bi, kk = b_idx[sl], kp[sl]
+        x = emb[bi]  # (p, N, D)
+        colmask = torch.arange(D, device=dev).view(1, 1, D) < kk.view(-1, 1, 1)
+        x = x * colmask.to(dtype)
+        pm = mask[bi]
+        res = kmeans(x, kk, pm, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
+        sc = silhouette_score(x, res.labels, int(kk.max()), pm, max_block_elements=max_block_elements)
+        scores[bi, kc_idx[sl]] = sc
+        all_labels[sl] = res.labels
+    # best score per image, ties → smaller K (first index); NaN never wins
+    sc_fill = torch.nan_to_num(scores, nan=-math.inf)
+    best_kc = sc_fill.argmax(-1)  # first maximum
+    has_band = k_hi >= k_lo
+    # locate the chosen problem of each image
+    prob_of = torch.full((B, Kc), -1, dtype=torch.long, device=dev)
+    prob_of[b_idx, kc_idx] = torch.arange(P, device=dev)
+    chosen = prob_of.gather(1, best_kc.view(B, 1)).squeeze(1)
+    ok = has_band & (chosen >= 0)
+    labels = torch.where(ok.view(B, 1), all_labels[chosen.clamp_min(0)], labels_out)
+    k = torch.where(ok, k_values[best_kc], torch.ones_like(best_kc))
+    return ClusterSelection(labels=labels, k=k, k_values=k_values, scores=scores)
+
+
+class KBandClustering(nn.Module):
+    """Module wrapper around :func:`select_k` (consumes a :class:`SpectralResult`).
+
+    Shape:
+        - input: ``SpectralResult`` with eigenvectors ``(B, N, M)``, ``k_lo``/``k_hi`` ``(B,)``
+        - output: :class:`ClusterSelection` with labels ``(B, N)``
+    """
+
+    def __init__(self, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, max_problems: int | None = None) -> None:
+        super().__init__()
+        if n_init < 1:
+            raise ValueError(f"n_init must be >= 1, got {n_init}")
+        self.n_init, self.max_iter, self.tol, self.seed = n_init, max_iter, tol, seed
+        self.dtype = dtype
+        self.max_problems = max_problems
+
+    def forward(self, spectral: SpectralResult, k_lo: Tensor, k_hi: Tensor) -> ClusterSelection:
+        return select_k(spectral.eigenvectors, spectral.mask, k_lo, k_hi, n_init=self.n_init,
+                        max_iter=self.max_iter, tol=self.tol, seed=self.seed, dtype=self.dtype,
+                        max_problems=self.max_problems)
+
+    def extra_repr(self) -> str:
+        return f"n_init={self.n_init}, max_iter={self.max_iter}, tol={self.tol}, seed={self.seed}"

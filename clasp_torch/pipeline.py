@@ -1,0 +1,386 @@
+"""The CLASP pipeline as one composable ``nn.Module``.
+
+Stages (each its own module): backbone features → cosine affinity and its eigendecomposition
+(:mod:`clasp_torch.spectral`) → eigengap elbow and K band → batched k-means + silhouette over the
+band (:mod:`clasp_torch.cluster`) → patch labels upsampled to pixels → optional refiner (the
+dense CRF of :mod:`clasp_torch.crf`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import Backbone, get_backbone
+from .cluster import ClusterSelection, select_k
+from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
+from .spectral import AffinityKind, EigenMethod, eigengap_elbow, k_band, spectral_decomposition
+
+__all__ = ["CLASP", "CLASPOutput", "upsample_labels", "images_to_list", "pad_images"]
+
+ImagesLike = Tensor | Sequence[Tensor]
+KSelector = Literal["eigengap", "entropy"]
+
+
+@dataclass
+class CLASPOutput:
+    """Result of :class:`CLASP` on a batch of ``B`` images.
+
+    Ragged batches are padded: ``H_max, W_max`` are the largest input sizes, ``h_max, w_max``
+    the largest patch grids, ``N = h_max * w_max``. Padding holds ``-1`` in label maps.
+
+    Attributes:
+        labels: ``(B, H_max, W_max)`` int64 pixel labels at input resolution (after the
+            refiner if any), ``-1`` outside each image.
+        patch_labels: ``(B, h_max, w_max)`` int64 labels of the patches, ``-1`` on padding.
+        k_opt: ``(B,)`` eigengap elbow estimate ``K_opt``.
+        k: ``(B,)`` chosen number of segments.
+        eigenvalues: ``(B, N)`` affinity eigenvalues, descending (zero beyond ``n_b``).
+        k_values: ``(Kc,)`` the K grid of ``silhouette``'s columns.
+        silhouette: ``(B, Kc)`` mean silhouette of each K in the image's band (NaN outside).
+        image_mask: ``(B, H_max, W_max)`` True on real pixels.
+        patch_mask: ``(B, h_max, w_max)`` True on real patches.
+        image_sizes: ``(B, 2)`` input ``(H, W)`` per image.
+        grid_sizes: ``(B, 2)`` patch grid ``(h, w)`` per image.
+        features: ``(B, h_max, w_max, D)`` backbone features (zeros on padding).
+        coarse_labels: ``(B, H_max, W_max)`` pixel labels before the refiner (nearest upsampling
+            of the patch labels).
+    """
+
+    labels: Tensor
+    patch_labels: Tensor
+    k_opt: Tensor
+    k: Tensor
+    eigenvalues: Tensor
+    k_values: Tensor
+    silhouette: Tensor
+    image_mask: Tensor
+    patch_mask: Tensor
+    image_sizes: Tensor
+    grid_sizes: Tensor
+    features: Tensor
+    coarse_labels: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def label_map(self, i: int) -> Tensor:
+        """Pixel labels of image ``i`` cropped to its own size: ``(H_i, W_i)``."""
+        H, W = (int(v) for v in self.image_sizes[i])
+        return self.labels[i, :H, :W]
+
+    def patch_label_map(self, i: int) -> Tensor:
+        """Patch labels of image ``i`` cropped to its own grid: ``(h_i, w_i)``."""
+        h, w = (int(v) for v in self.grid_sizes[i])
+        return self.patch_labels[i, :h, :w]
+
+    def to(self, device: torch.device | str) -> "CLASPOutput":
+        """Move every tensor to ``device``."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k_, v in kw.items():
+            if isinstance(v, Tensor):
+                kw[k_] = v.to(device)
+        return CLASPOutput(**kw)
+
+
+def images_to_list(images: ImagesLike) -> list[Tensor]:
+    """Normalise the accepted inputs to a list of ``(3, H, W)`` tensors.
+
+    Accepts a ``(B, 3, H, W)`` tensor, a single ``(3, H, W)`` tensor, or a sequence of
+    ``(3, H_i, W_i)`` tensors; ``uint8`` in [0, 255] or floating point in [0, 1].
+    """
+    if isinstance(images, Tensor):
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (B, 3, H, W) or (3, H, W), got {tuple(images.shape)}")
+        imgs = list(images.unbind(0))
+    else:
+        imgs = list(images)
+    if not imgs:
+        raise ValueError("images is empty: pass at least one image")
+    for i, im in enumerate(imgs):
+        if not isinstance(im, Tensor):
+            raise TypeError(f"images[{i}] is a {type(im).__name__}, expected a torch.Tensor (3, H, W)")
+        if im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f"images[{i}] must have shape (3, H, W) (RGB), got {tuple(im.shape)}")
+        if not (im.dtype == torch.uint8 or im.is_floating_point()):
+            raise ValueError(f"images[{i}] has dtype {im.dtype}; expected uint8 (0..255) or float (0..1)")
+    return imgs
+
+
+def pad_images(imgs: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Pad ``(3, H_i, W_i)`` images to ``(B, 3, H_max, W_max)`` plus a ``(B, H_max, W_max)`` mask."""
+    Hm = max(int(im.shape[-2]) for im in imgs)
+    Wm = max(int(im.shape[-1]) for im in imgs)
+    out = imgs[0].new_full((len(imgs), 3, Hm, Wm), value)
+    mask = torch.zeros(len(imgs), Hm, Wm, dtype=torch.bool, device=imgs[0].device)
+    for i, im in enumerate(imgs):  # a copy per image, not compute
+        out[i, :, : im.shape[-2], : im.shape[-1]] = im
+        mask[i, : im.shape[-2], : im.shape[-1]] = True
+    return out, mask
+
+
+def upsample_labels(patch_labels: Tensor, grid_sizes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Nearest-neighbour upsampling of ragged patch label maps to their image sizes.
+
+    Same convention as ``F.interpolate(mode="nearest")``: output pixel ``y`` takes patch row
+    ``floor(y * h / H)``.
+
+    Args:
+        patch_labels: ``(B, h_max, w_max)`` int64.
+        grid_sizes: ``(B, 2)`` patch grid per image.
+        image_sizes: ``(B, 2)`` target size per image.
+
+    Returns:
+        ``(B, H_max, W_max)`` int64, ``-1`` outside each image.
+    """
+    B, hm, wm = patch_labels.shape
+    dev = patch_labels.device
+    Hm, Wm = int(image_sizes[:, 0].max()), int(image_sizes[:, 1].max())
+    gs = grid_sizes.to(dev).double()
+    isz = image_sizes.to(dev).double()
+    ys = torch.arange(Hm, device=dev).double().view(1, Hm)
+    xs = torch.arange(Wm, device=dev).double().view(1, Wm)
+    ry = torch.floor(ys * (gs[:, :1] / isz[:, :1])).long().clamp(max=hm - 1)  # (B, Hm)
+    rx = torch.floor(xs * (gs[:, 1:] / isz[:, 1:])).long().clamp(max=wm - 1)  # (B, Wm)
+    idx = ry.unsqueeze(-1) * wm + rx.unsqueeze(1)  # (B, Hm, Wm)
+    out = patch_labels.reshape(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hm, Wm)
+    valid = (ys.long().view(1, Hm, 1) < image_sizes[:, :1].to(dev).view(B, 1, 1)) & (
+        xs.long().view(1, 1, Wm) < image_sizes[:, 1:].to(dev).view(B, 1, 1)
+    )
+    return out.masked_fill(~valid, -1)
+
+
+class CLASP(nn.Module):
+    """CLASP: training-free per-image segmentation by adaptive spectral clustering.
+
+    Args:
+        backbone: a name (``"dinov2_vits14_reg"``, the default and the paper's; or
+            ``"efficientnet_lite0"``, the offline stand-in), a :class:`~clasp_torch.backbones.Backbone`
+            or any ``nn.Module`` returning ``(B, h, w, D)`` (then ``patch_size``/``mean``/``std``
+            must be attributes of it).
+        weights: local weights file for a named backbone (also ``CLASP_WEIGHTS``).
+        pretrained: ``False`` builds a randomly initialised backbone (timing, tests).
+        beta: half-width of the K band around ``K_opt`` (0.5).
+        fixed_k: use this K for every image instead of the adaptive choice.
+        n_init, max_iter, tol, seed: k-means settings (restarts run as a batch dimension).
+        max_patches: cap on patches per image (aspect kept; default 2500).
+        eigen_method, affinity: spectral options (``"auto"``/``"gram"``/``"full"``; the CLASP
+            affinity is ``"cosine"``; others are ablations).
+        refiner: the pixel-level refinement stage: ``"crf"`` (default; the dense CRF),
+            ``None``/``"none"`` (patch variant: nearest upsampling only) or an ``nn.Module``
+            called as ``refiner(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W))``.
+        crf_params: keyword arguments of :class:`clasp_torch.crf.DenseCRF`.
+        k_selector: ``"eigengap"`` (the paper's elbow) or ``"entropy"`` (effective rank).
+        amp_dtype: run the backbone under autocast with this dtype (e.g. ``torch.bfloat16``);
+            the spectral and clustering stages always run in float32/float64.
+        max_problems: bound on (image, K) problems clustered at once (memory).
+
+    Shape:
+        - input: ``(B, 3, H, W)`` tensor or a list of ``(3, H_i, W_i)`` tensors, uint8 in
+          [0, 255] or float in [0, 1], RGB.
+        - output: :class:`CLASPOutput`.
+
+    Example:
+        >>> model = CLASP("efficientnet_lite0", refiner=None)  # doctest: +SKIP
+        >>> out = model(torch.randint(0, 255, (2, 3, 240, 320), dtype=torch.uint8))  # doctest: +SKIP
+        >>> out.labels.shape  # doctest: +SKIP
+        torch.Size([2, 240, 320])
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "dinov2_vits14_reg",
+        weights: str | os.PathLike | None = None,
+        *,
+        pretrained: bool = True,
+        beta: float = 0.5,
+        fixed_k: int | None = None,
+        n_init: int = 10,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        seed: int = 0,
+        max_patches: int = DEFAULT_MAX_PATCHES,
+        eigen_method: EigenMethod = "auto",
+        affinity: AffinityKind = "cosine",
+        refiner: str | nn.Module | None = "crf",
+        crf_params: dict[str, Any] | None = None,
+        k_selector: KSelector = "eigengap",
+        amp_dtype: torch.dtype | None = None,
+        max_problems: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must lie in (0, 1), got {beta}")
+        if fixed_k is not None and int(fixed_k) < 2:
+            raise ValueError(f"fixed_k must be >= 2, got {fixed_k}")
+        if n_init < 1:
+            raise ValueError(f"n_init must be >= 1, got {n_init}")
+        if max_patches < 4:
+            raise ValueError(f"max_patches must be >= 4, got {max_patches}")
+        if k_selector not in ("eigengap", "entropy"):
+            raise ValueError(f"k_selector must be 'eigengap' or 'entropy', got {k_selector!r}")
+        self.backbone: Backbone = get_backbone(backbone, weights=weights, pretrained=pretrained)
+        self.backbone.eval()
+        self.beta = beta
+        self.fixed_k = None if fixed_k is None else int(fixed_k)
+        self.n_init, self.max_iter, self.tol, self.seed = n_init, max_iter, tol, seed
+        self.max_patches = max_patches
+        self.eigen_method: EigenMethod = eigen_method
+        self.affinity: AffinityKind = affinity
+        self.k_selector: KSelector = k_selector
+        self.amp_dtype = amp_dtype
+        self.max_problems = max_problems
+        self.refiner = _build_refiner(refiner, crf_params)
+
+    # ------------------------------------------------------------------ stages
+    def _device(self) -> torch.device:
+        for t in self.backbone.parameters():
+            return t.device
+        for t in self.backbone.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    @torch.no_grad()
+    def extract_features(self, imgs: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Backbone features of ragged images.
+
+        Images are resized (each side down to a multiple of the patch size, capped at
+        ``max_patches``) and grouped by resized shape; each group is one backbone batch.
+
+        Returns:
+            ``features (B, h_max, w_max, D)`` (zero padded), ``patch_mask (B, h_max, w_max)``,
+            ``grid_sizes (B, 2)``.
+        """
+        bb = self.backbone
+        p = bb.patch_size
+        dev = imgs[0].device
+        # resize + normalise each image (ragged sizes), then one backbone call per shape
+        prepped = [preprocess_image(im, p, bb.mean, bb.std, self.max_patches)[0] for im in imgs]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(prepped):
+            groups.setdefault((int(x.shape[-2]), int(x.shape[-1])), []).append(i)
+        grids = torch.tensor([[int(x.shape[-2]) // p, int(x.shape[-1]) // p] for x in prepped], dtype=torch.long)
+        hm, wm = int(grids[:, 0].max()), int(grids[:, 1].max())
+        feats: Tensor | None = None
+        amp = (
+            torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        for idx in groups.values():
+            batch = torch.stack([prepped[i] for i in idx])
+            with amp:
+                out = bb(batch)
+            out = out.float()
+            if feats is None:
+                feats = out.new_zeros(len(imgs), hm, wm, out.shape[-1])
+            feats[idx, : out.shape[1], : out.shape[2]] = out
+        assert feats is not None
+        ar_h = torch.arange(hm, device=dev).view(1, hm, 1)
+        ar_w = torch.arange(wm, device=dev).view(1, 1, wm)
+        g = grids.to(dev)
+        pmask = (ar_h < g[:, 0].view(-1, 1, 1)) & (ar_w < g[:, 1].view(-1, 1, 1))
+        return feats, pmask, grids
+
+    def cluster_features(
+        self, feats: Tensor, patch_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, ClusterSelection]:
+        """Spectral stage and K search on padded patch features.
+
+        The patch grid ``(B, h_max, w_max, D)`` is flattened row-major with each image's real
+        patches moved to the front (the layout the spectral stage expects).
+
+        Returns:
+            ``(patch_labels (B, h_max, w_max), k_opt (B,), eigenvalues (B, N), selection)``.
+        """
+        B, hm, wm, D = feats.shape
+        flat_mask = patch_mask.reshape(B, hm * wm)
+        # stable sort: real patches first, in row-major order
+        order = torch.argsort((~flat_mask).to(torch.int8), dim=1, stable=True)
+        f = feats.reshape(B, hm * wm, D).gather(1, order.unsqueeze(-1).expand(B, hm * wm, D))
+        m = flat_mask.gather(1, order)
+        spec = spectral_decomposition(f, m, method=self.eigen_method, affinity=self.affinity)
+        if self.k_selector == "entropy":
+            from .selectors import effective_rank_k
+
+            k_opt = effective_rank_k(spec.eigenvalues, spec.n)
+        else:
+            k_opt = eigengap_elbow(spec.eigenvalues, spec.n)
+        if self.fixed_k is not None:
+            kf = torch.full_like(k_opt, self.fixed_k)
+            lo = kf
+            hi = torch.minimum(kf, spec.n - 1)
+        else:
+            lo, hi = k_band(k_opt, spec.n, self.beta)
+        sel = select_k(spec.eigenvectors, m, lo, hi, n_init=self.n_init, max_iter=self.max_iter,
+                       tol=self.tol, seed=self.seed, max_problems=self.max_problems)
+        # scatter back to the grid layout
+        lab = torch.full((B, hm * wm), -1, dtype=torch.long, device=feats.device)
+        lab.scatter_(1, order, sel.labels)
+        return lab.view(B, hm, wm), k_opt, spec.eigenvalues, sel
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(self, images: ImagesLike) -> CLASPOutput:
+        """Segment a batch of images; see the class docstring for shapes."""
+        imgs = [im.to(self._device()) for im in images_to_list(images)]
+        image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long)
+        feats, pmask, grids = self.extract_features(imgs)
+        patch_labels, k_opt, evals, sel = self.cluster_features(feats, pmask)
+        dev = feats.device
+        coarse = upsample_labels(patch_labels, grids.to(dev), image_sizes.to(dev))
+        labels = coarse
+        padded, imask = pad_images([_to_uint8(im) for im in imgs])
+        if self.refiner is not None:
+            labels = self.refiner(padded, coarse.clamp_min(0), sel.k, imask).masked_fill(~imask, -1)
+        return CLASPOutput(
+            labels=labels, patch_labels=patch_labels, k_opt=k_opt, k=sel.k, eigenvalues=evals,
+            k_values=sel.k_values, silhouette=sel.scores, image_mask=imask, patch_mask=pmask,
+            image_sizes=image_sizes.to(dev), grid_sizes=grids.to(dev), features=feats, coarse_labels=coarse,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, fixed_k={self.fixed_k}, n_init={self.n_init}, seed={self.seed}, "
+                f"max_patches={self.max_patches}, k_selector={self.k_selector!r}")
+
+
+def _to_uint8(im: Tensor) -> Tensor:
+    if im.dtype == torch.uint8:
+        return im
+    return (im.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class _CRFRefiner(nn.Module):
+    """Adapter from the pipeline's refiner call to :class:`clasp_torch.crf.DenseCRF`."""
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__()
+        from .crf import DenseCRF
+
+        self.crf = DenseCRF(**params)
+
+    def forward(self, images: Tensor, labels: Tensor, n_labels: Tensor, mask: Tensor) -> Tensor:
+        C = int(n_labels.max())
+        label_mask = torch.arange(C, device=labels.device).view(1, C) < n_labels.view(-1, 1).to(labels.device)
+        return self.crf(images, labels, mask=mask, label_mask=label_mask, n_labels=C)
+
+
+def _build_refiner(refiner: str | nn.Module | None, crf_params: dict[str, Any] | None) -> nn.Module | None:
+    if refiner is None or (isinstance(refiner, str) and refiner.lower() == "none"):
+        return None
+    if isinstance(refiner, nn.Module):
+        return refiner
+    if isinstance(refiner, str) and refiner.lower() == "crf":
+        return _CRFRefiner(**(crf_params or {}))
+    raise ValueError(f"refiner must be 'crf', None or an nn.Module, got {refiner!r}")
+
+
