@@ -28,6 +28,7 @@ __all__ = [
     "silhouette_samples",
     "ClusterSelection",
     "select_k",
+    "best_in_band",
     "KBandClustering",
     "hash_uniform",
 ]
@@ -321,7 +322,7 @@ def silhouette_score(
     Example:
         >>> x = torch.tensor([[[0.0], [0.1], [5.0], [5.2]]])
         >>> round(float(silhouette_score(x, torch.tensor([[0, 0, 1, 1]]))), 4)
-        0.9701
+        0.9703
     """
     if point_mask is None:
         point_mask = labels >= 0
@@ -333,6 +334,16 @@ def silhouette_score(
     present.scatter_(1, labels.clamp_min(0), point_mask)
     n_present = present.sum(-1)
     return torch.where((n_present >= 2) & (n_present < point_mask.sum(-1)), score, torch.full_like(score, float("nan")))
+
+
+def best_in_band(scores: Tensor) -> Tensor:
+    """Column of the best score per row; ties go to the first (smaller K); NaN never wins.
+
+    Example:
+        >>> best_in_band(torch.tensor([[0.2, 0.5, 0.5], [float("nan"), 0.1, 0.0]]))
+        tensor([1, 1])
+    """
+    return torch.nan_to_num(scores, nan=-math.inf).argmax(-1)
 
 
 @dataclass
@@ -415,9 +426,7 @@ def select_k(
         sc = silhouette_score(x, res.labels, int(kk.max()), pm, max_block_elements=max_block_elements)
         scores[bi, kc_idx[sl]] = sc
         all_labels[sl] = res.labels
-    # best score per image, ties → smaller K (first index); NaN never wins
-    sc_fill = torch.nan_to_num(scores, nan=-math.inf)
-    best_kc = sc_fill.argmax(-1)  # first maximum
+    best_kc = best_in_band(scores)
     has_band = k_hi >= k_lo
     # locate the chosen problem of each image
     prob_of = torch.full((B, Kc), -1, dtype=torch.long, device=dev)

@@ -252,7 +252,7 @@ def eigengap_elbow(eigenvalues: Tensor, n: Tensor | None = None) -> Tensor:
     Example:
         >>> lam = torch.tensor([[10.0, 4.0, 3.5, 3.2, 3.0, 2.9]])
         >>> eigengap_elbow(lam)
-        tensor([2])
+        tensor([3])
     """
     if eigenvalues.dim() != 2:
         raise ValueError(f"eigenvalues must have shape (B, N), got {tuple(eigenvalues.shape)}")

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real evaluation data beside the project, and cached real features."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA_ROOT = Path(os.environ.get("CLASP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def data_dir(name: str) -> Path:
+    """Path of a dev set under ``../shared/data``; skips the test when it is absent."""
+    p = DATA_ROOT / name
+    if not (p / "images").is_dir():
+        pytest.skip(f"real data folder {p} is missing (it lives beside the project as ../shared/data)")
+    return p
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="session")
+def coco_dir() -> Path:
+    return data_dir("cocostuff-val-dev")
+
+
+@pytest.fixture(scope="session")
+def effnet():
+    from clasp_torch.backbones import get_backbone
+
+    torch.manual_seed(0)
+    return get_backbone("efficientnet_lite0").eval()
+
+
+@pytest.fixture(scope="session")
+def real_features(coco_dir, effnet) -> list[torch.Tensor]:
+    """EfficientNet-Lite0 features ``(h, w, D)`` of the first 6 COCO dev images."""
+    from clasp_torch.preprocess import preprocess_image
+
+    out = []
+    for p in sorted((coco_dir / "images").glob("*.jpg"))[:6]:
+        x, _ = preprocess_image(load_rgb(p), effnet.patch_size, effnet.mean, effnet.std)
+        with torch.no_grad():
+            out.append(effnet(x[None])[0].double())
+    return out

@@ -1,0 +1,163 @@
+"""Batched k-means and silhouette against scikit-learn; K selection invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score as sk_silhouette
+
+from clasp_torch.cluster import best_in_band, hash_uniform, kmeans, select_k, silhouette_samples, silhouette_score
+from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
+
+
+def _blobs(n: int, k: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = rng.normal(0, 4, (k, d))
+    return (c[rng.integers(0, k, n)] + rng.normal(0, spread, (n, d))).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_silhouette_matches_sklearn(dtype: torch.dtype, tol: float) -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        n, k = int(rng.integers(20, 300)), int(rng.integers(2, 9))
+        x = _blobs(n, k, 5, trial, spread=2.0)
+        lab = rng.integers(0, k, n)
+        lab[:k] = np.arange(k)
+        got = float(silhouette_score(torch.from_numpy(x).to(dtype)[None], torch.from_numpy(lab)[None]))
+        assert got == pytest.approx(sk_silhouette(x, lab), abs=tol)
+
+
+def test_silhouette_singletons_and_duplicates() -> None:
+    x = np.array([[0.0, 0], [0, 0], [1, 1], [5, 5], [5, 5.1], [9, 9]])
+    lab = np.array([0, 0, 1, 2, 2, 3])  # clusters 1 and 3 are singletons; cluster 0 duplicates
+    got = silhouette_samples(torch.from_numpy(x)[None], torch.from_numpy(lab)[None])[0].numpy()
+    from sklearn.metrics import silhouette_samples as sk_samples
+
+    np.testing.assert_allclose(got, sk_samples(x, lab), atol=1e-12)
+    assert got[2] == 0 and got[5] == 0
+
+
+def test_silhouette_batched_ragged_and_chunked() -> None:
+    xs = [_blobs(n, 3, 4, n) for n in (50, 120, 77)]
+    labs = [KMeans(3, n_init=2, random_state=0).fit_predict(x) for x in xs]
+    N = 120
+    X = torch.zeros(3, N, 4, dtype=torch.float64)
+    L = torch.full((3, N), -1)
+    for i, (x, l) in enumerate(zip(xs, labs)):
+        X[i, : len(x)] = torch.from_numpy(x)
+        L[i, : len(x)] = torch.from_numpy(l)
+    for block in (2**25, 500):  # all rows at once, and tiny row chunks
+        got = silhouette_score(X, L, max_block_elements=block).numpy()
+        np.testing.assert_allclose(got, [sk_silhouette(x, l) for x, l in zip(xs, labs)], atol=1e-10)
+
+
+def test_silhouette_nan_when_single_cluster() -> None:
+    x = torch.randn(1, 10, 2, dtype=torch.float64)
+    assert torch.isnan(silhouette_score(x, torch.zeros(1, 10, dtype=torch.long)))[0]
+
+
+def _spectral_embedding(f: torch.Tensor, k: int) -> np.ndarray:
+    res = spectral_decomposition(f.reshape(1, -1, f.shape[-1]))
+    return res.eigenvectors[0, :, :k].numpy().copy()
+
+
+def test_kmeans_inertia_close_to_sklearn_on_real_embeddings(real_features) -> None:
+    ratios = []
+    for f in real_features[:4]:
+        for k in (3, 6, 10):
+            x = _spectral_embedding(f, k)
+            sk = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x).inertia_
+            ours = float(kmeans(torch.from_numpy(x)[None], torch.tensor([k]), n_init=10, seed=0).inertia)
+            ratios.append(ours / sk)
+    assert max(ratios) <= 1.01, ratios
+
+
+def test_kmeans_inertia_close_to_sklearn_on_blobs() -> None:
+    for seed, k in [(0, 3), (1, 5), (2, 8)]:
+        x = _blobs(400, k, 6, seed)
+        sk = KMeans(n_clusters=k, n_init=10, random_state=0).fit(x).inertia_
+        res = kmeans(torch.from_numpy(x)[None], torch.tensor([k]), n_init=10, seed=seed)
+        assert float(res.inertia) <= 1.01 * sk
+        # inertia is consistent with labels and centres
+        c = res.centers[0, :k].numpy()
+        lab = res.labels[0].numpy()
+        assert float(res.inertia) == pytest.approx(((x - c[lab]) ** 2).sum(), rel=1e-9)
+
+
+def test_kmeans_batched_equals_single_and_is_seeded() -> None:
+    xs = [_blobs(n, 4, 5, n) for n in (60, 90)]
+    X = torch.zeros(2, 90, 5, dtype=torch.float64)
+    M = torch.zeros(2, 90, dtype=torch.bool)
+    for i, x in enumerate(xs):
+        X[i, : len(x)] = torch.from_numpy(x)
+        M[i, : len(x)] = True
+    k = torch.tensor([4, 3])
+    both = kmeans(X, k, M, seed=7)
+    for i, x in enumerate(xs):
+        one = kmeans(torch.from_numpy(x)[None], k[i : i + 1], seed=7)
+        assert torch.equal(one.labels[0], both.labels[i, : len(x)])
+    again = kmeans(X, k, M, seed=7)
+    assert torch.equal(again.labels, both.labels)
+    assert torch.all(both.labels[0, 60:] == -1)
+
+
+def test_kmeans_relocates_empty_clusters() -> None:
+    # 3 distinct values, 3 clusters, many duplicates: every cluster ends up non-empty
+    x = torch.tensor([[0.0], [0.0], [0.0], [0.0], [1.0], [10.0]], dtype=torch.float64)[None]
+    res = kmeans(x, torch.tensor([3]), n_init=3)
+    assert sorted(res.labels[0].unique().tolist()) == [0, 1, 2]
+
+
+def test_kmeans_validates_arguments() -> None:
+    x = torch.randn(1, 5, 2)
+    with pytest.raises(ValueError, match="k must"):
+        kmeans(x, torch.tensor([6]))
+    with pytest.raises(ValueError, match="n_init"):
+        kmeans(x, torch.tensor([2]), n_init=0)
+
+
+def test_hash_uniform_is_uniform_and_deterministic() -> None:
+    u = hash_uniform(3, torch.arange(100000))
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    assert torch.equal(u, hash_uniform(3, torch.arange(100000)))
+    assert not torch.equal(u, hash_uniform(4, torch.arange(100000)))
+
+
+def test_best_in_band_prefers_smaller_k_on_ties() -> None:
+    s = torch.tensor([[0.3, 0.3, 0.1], [float("nan"), 0.2, 0.4]])
+    assert best_in_band(s).tolist() == [0, 2]
+
+
+def test_select_k_batch_equals_single_and_matches_silhouette(real_features) -> None:
+    fs = [f.reshape(-1, f.shape[-1]).float() for f in real_features[:3]]
+    N = max(len(f) for f in fs)
+    X = torch.zeros(3, N, fs[0].shape[-1])
+    M = torch.zeros(3, N, dtype=torch.bool)
+    for i, f in enumerate(fs):
+        X[i, : len(f)], M[i, : len(f)] = f, True
+    res = spectral_decomposition(X, M)
+    k_opt = eigengap_elbow(res.eigenvalues, res.n)
+    lo, hi = k_band(k_opt, res.n)
+    batch = select_k(res.eigenvectors, M, lo, hi, seed=0)
+    for i, f in enumerate(fs):
+        r1 = spectral_decomposition(f[None])
+        k1 = eigengap_elbow(r1.eigenvalues, r1.n)
+        l1, h1 = k_band(k1, r1.n)
+        one = select_k(r1.eigenvectors, r1.mask, l1, h1, seed=0)
+        assert int(one.k) == int(batch.k[i])
+        assert torch.equal(one.labels[0], batch.labels[i, : len(f)])
+        # the reported score is the sklearn silhouette of the returned labels
+        k = int(one.k)
+        emb = r1.eigenvectors[0, :, :k].numpy()
+        j = int((one.k_values == k).nonzero())
+        assert float(one.scores[0, j]) == pytest.approx(sk_silhouette(emb, one.labels[0].numpy()), abs=1e-5)
+        assert len(one.labels[0].unique()) == k
+
+
+def test_select_k_single_segment_when_band_empty() -> None:
+    emb = torch.randn(1, 2, 3)
+    sel = select_k(emb, torch.ones(1, 2, dtype=torch.bool), torch.tensor([2]), torch.tensor([1]))
+    assert int(sel.k) == 1 and sel.labels.tolist() == [[0, 0]]
