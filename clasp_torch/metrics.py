@@ -136,7 +136,9 @@ def _as_map_list(x: MapLike | Sequence[MapLike], name: str) -> list[MapLike]:
             return [x]
         if x.ndim == 3:
             return list(x)
-        raise ValueError(f"{name} must be (H, W), (B, H, W) or a list of (H, W) maps, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be (H, W), (B, H, W) or a list of (H, W) maps, got shape {tuple(x.shape)}"
+        )
     if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
         out = list(x)
         for m in out:
@@ -301,32 +303,34 @@ def dataset_stats(confusion: Tensor, unassigned: Tensor | None = None) -> Segmen
     num_classes = confusion.shape[1]
     gt_count = confusion.sum(0)
     if unassigned is not None:
-        gt_count = gt_count + 0*torch.as_tensor(unassigned, device=confusion.device).long()
+        gt_count = gt_count + torch.as_tensor(unassigned, device=confusion.device).long()
     class_ids = torch.arange(num_classes, device=confusion.device)
     return _stats_from_overlap(confusion, class_ids, gt_count, gt_count.sum(), num_classes)
 
 
 def iou_per_class(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
-    """``tp / (tp + fp + fn)`` as float64; ``nan`` for classes absent from the ground truth
-    (``tp + fn == 0``)."""
-    tp, fp, fn = (torch.as_tensor(x, dtype=torch.float64) for x in (tp, fp, fn))
+    """``tp / (tp + fp + fn)`` as a float64 CPU tensor; ``nan`` for classes absent from the
+    ground truth (``tp + fn == 0``)."""
+    tp, fp, fn = (torch.as_tensor(x).detach().cpu().double() for x in (tp, fp, fn))
     present = (tp + fn) > 0
     denom = (tp + fp + fn).clamp_min(1)
     return torch.where(present, tp / denom, torch.full_like(tp, float("nan")))
 
 
 def scores_from_stats(stats: SegmentationStats | Sequence[Tensor]) -> dict[str, Tensor]:
-    """``{"miou", "pixel_accuracy"}`` (float32 scalars in ``[0, 1]``; ``nan`` if nothing evaluated)."""
+    """``{"miou", "pixel_accuracy"}``: float32 scalars in ``[0, 1]`` on the device of ``tp``
+    (``nan`` if nothing was evaluated)."""
     tp, fp, fn, correct, total = stats
     iou = iou_per_class(tp, fp, fn)
     present = ~torch.isnan(iou)
-    miou = iou[present].mean() if bool(present.any()) else torch.tensor(float("nan"), dtype=torch.float64)
-    total_f = torch.as_tensor(total, dtype=torch.float64)
-    acc = torch.as_tensor(correct, dtype=torch.float64) / total_f if float(total_f) > 0 else torch.tensor(float("nan"))
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    miou = iou[present].mean() if bool(present.any()) else nan
+    n_total = int(torch.as_tensor(total))
+    acc = torch.tensor(int(torch.as_tensor(correct)) / n_total, dtype=torch.float64) if n_total > 0 else nan
     device = torch.as_tensor(tp).device
     return {
-        "miou": miou.to(device=device, dtype=torch.float32),
-        "pixel_accuracy": acc.to(device=device, dtype=torch.float32),
+        "miou": miou.to(dtype=torch.float32).to(device),
+        "pixel_accuracy": acc.to(dtype=torch.float32).to(device),
     }
 
 
@@ -437,7 +441,9 @@ class UnsupervisedSegmentationMetric(Metric):
             if self.n_clusters is not None and p.numel() and int(p.max()) >= self.n_clusters:
                 raise ValueError(f"pred values must be < n_clusters={self.n_clusters}, found {int(p.max())}")
             if self.matching == "per_image":
-                _, class_ids, overlap, gt_count, total = _image_overlap(p, t, self.num_classes, self.ignore_index)
+                _, class_ids, overlap, gt_count, total = _image_overlap(
+                    p, t, self.num_classes, self.ignore_index
+                )
                 s = _stats_from_overlap(overlap, class_ids, gt_count, total, self.num_classes)
                 self.tp += s.tp.to(device)
                 self.fp += s.fp.to(device)
@@ -464,7 +470,8 @@ class UnsupervisedSegmentationMetric(Metric):
 
     def cluster_to_class(self) -> Tensor:
         """``"dataset"`` only: ``int64 (n_clusters,)`` matched class of each cluster, ``-1`` if
-        unmatched (for colouring predictions)."""
+        unmatched (for colouring predictions). Uses this process's states; under DDP call it
+        inside ``with metric.sync_context():``."""
         if self.matching != "dataset":
             raise RuntimeError("cluster_to_class() is defined for matching='dataset' only")
         rows, cols = _assign(self.confusion)
