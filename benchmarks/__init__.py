@@ -1,0 +1,1 @@
+"""Benchmarks and the independent literal reference implementation of CLASP."""
