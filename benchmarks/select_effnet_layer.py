@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     ap.add_argument("--datasets", nargs="+", default=["cocostuff", "ade20k"])
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--impl", choices=["clasp_torch", "reference"], default="clasp_torch",
+                    help="clustering implementation: clasp_torch (fast; agrees with the reference on K, see "
+                         "benchmarks/compare_reference.py) or the literal numpy/sklearn reference (slow)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--cache", default=os.path.join(os.path.dirname(__file__), "out", "select_effnet_layer_cache.jsonl"))
     args = ap.parse_args(argv)
@@ -51,6 +54,24 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     bb = EfficientNetLite0Backbone(layer=max(STRIDE16_BLOCKS))
+    if args.impl == "clasp_torch":
+        from clasp_torch.pipeline import CLASP
+
+        model = CLASP(bb, refiner=None)
+
+        def cluster(f: np.ndarray) -> tuple[np.ndarray, int, int]:
+            ft = torch.from_numpy(f)[None]
+            mask = torch.ones(ft.shape[:3], dtype=torch.bool)
+            lab, k_opt, _, sel = model.cluster_features(ft, mask)
+            return lab[0].numpy(), int(k_opt[0]), int(sel.k[0])
+    else:
+
+        def cluster(f: np.ndarray) -> tuple[np.ndarray, int, int]:
+            r = reference_clasp(f)
+            return r.labels, r.k_opt, r.k
+
+    if args.cache:
+        args.cache = args.cache.replace(".jsonl", f".{args.impl}.jsonl")
     layers = list(STRIDE16_BLOCKS)
     results: dict[str, dict[int, dict[str, float]]] = {}
     for ds in args.datasets:
@@ -73,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                     feats = bb.forward_layers(x[None], layers)
                 rec = {"dataset": ds, "id": stem, "layers": {}}
                 for L in layers:
-                    res = reference_clasp(feats[L][0].numpy())
-                    st = hungarian_miou_stats(pixel_labels(res.labels, *gt.shape), gt, num_classes, ignore)
+                    t0 = time.perf_counter()
+                    labels, k_opt, k = cluster(feats[L][0].numpy())
+                    dt = time.perf_counter() - t0
+                    st = hungarian_miou_stats(pixel_labels(labels, *gt.shape), gt, num_classes, ignore)
                     nz = np.nonzero(st["tp"] + st["fp"] + st["fn"])[0]
                     rec["layers"][str(L)] = {
-                        "k_opt": res.k_opt, "k": res.k, "classes": nz.tolist(),
+                        "k_opt": k_opt, "k": k, "classes": nz.tolist(),
                         "tp": st["tp"][nz].tolist(), "fp": st["fp"][nz].tolist(), "fn": st["fn"][nz].tolist(),
-                        "correct": st["correct"], "total": st["total"], "time": res.timings,
+                        "correct": st["correct"], "total": st["total"], "time": dt,
                     }
                 if args.cache:
                     with open(args.cache, "a") as f:
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             miou, pa = dataset_scores(a["tp"], a["fp"], a["fn"], a["correct"], a["total"])
             results[ds][L] = {"miou": miou, "acc": pa, "mean_k": float(np.mean(a["ks"])), "n_images": len(pairs)}
 
-    print("\nEfficientNet-Lite0 stride-16 layers, literal reference, patch variant (no CRF), max 2500 patches")
+    print(f"\nEfficientNet-Lite0 stride-16 layers, {args.impl}, patch variant (no CRF), max 2500 patches")
     header = f"{'layer':>16} {'ch':>4}" + "".join(f" | {ds + ' mIoU':>16} {'acc':>6} {'mean K':>6}" for ds in results)
     print(header)
     print("-" * len(header))

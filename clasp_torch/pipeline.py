@@ -360,18 +360,26 @@ def _to_uint8(im: Tensor) -> Tensor:
 
 
 class _CRFRefiner(nn.Module):
-    """Adapter from the pipeline's refiner call to :class:`clasp_torch.crf.DenseCRF`."""
+    """Adapter from the pipeline's refiner call to the dense CRF of :mod:`clasp_torch.crf`.
 
-    def __init__(self, **params: Any) -> None:
+    ``forward(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W)) -> (B,H,W)``;
+    each image uses its own label count (``label_mask``), padding is excluded (``mask``).
+    """
+
+    def __init__(self, gt_prob: float = 0.8, **params: Any) -> None:
         super().__init__()
-        from .crf import DenseCRF
-
-        self.crf = DenseCRF(**params)
+        self.gt_prob = gt_prob
+        self.params = params
 
     def forward(self, images: Tensor, labels: Tensor, n_labels: Tensor, mask: Tensor) -> Tensor:
-        C = int(n_labels.max())
+        from .crf import crf_refine_labels
+
+        C = max(int(n_labels.max()), 2)
         label_mask = torch.arange(C, device=labels.device).view(1, C) < n_labels.view(-1, 1).to(labels.device)
-        return self.crf(images, labels, mask=mask, label_mask=label_mask, n_labels=C)
+        return crf_refine_labels(images, labels, C, self.gt_prob, mask=mask, label_mask=label_mask, **self.params)
+
+    def extra_repr(self) -> str:
+        return f"gt_prob={self.gt_prob}, params={self.params}"
 
 
 def _build_refiner(refiner: str | nn.Module | None, crf_params: dict[str, Any] | None) -> nn.Module | None:
