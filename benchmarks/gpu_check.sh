@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (run from the repository root):
+#
+#     bash benchmarks/gpu_check.sh
+#
+# 1. installs the project (pip install -e ".[dev]"; set SKIP_INSTALL=1 when it is already installed;
+#    without network access the install may fail: the script then goes on with what is installed),
+# 2. runs the fast test suite (python -m pytest -q -x -k "not slow"; SKIP_TESTS=1 skips it),
+# 3. benchmarks.run on CUDA with DINOv2 ViT-S/14-reg (random weights: same compute as the real
+#    ones) on 640x480 inputs, batch sizes 1 8 32, with and without the CRF (images/s end to end,
+#    peak GPU memory at batch 32), plus the literal CPU reference on the same features,
+# 4. the same with bf16 autocast for the backbone,
+# 5. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
+# 6. benchmarks.scaling on CUDA,
+# and writes every log / CSV / JSON / markdown / trace / plot into $OUT if set (else benchmarks/out).
+#
+# Targets (H100, batch 32, 640x480, DINOv2 ViT-S/14-reg): >= 200 images/s with CRF, >= 500 without,
+# <= 8 GB peak GPU memory (torch.cuda.max_memory_allocated).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${OUT:-benchmarks/out}"
+mkdir -p "$OUTDIR"
+PY="${PYTHON:-python}"
+status=0
+step() { echo; echo "=== $* ==="; }
+
+{
+  step "machine"
+  nvidia-smi || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  nproc; grep -m1 'model name' /proc/cpuinfo || true
+} 2>&1 | tee "$OUTDIR/gpu_check_machine.log"
+
+if [ "${SKIP_INSTALL:-0}" != "1" ]; then
+  step "install"
+  "$PY" -m pip install -q -e ".[dev]" 2>&1 | tail -n 20 | tee "$OUTDIR/gpu_check_install.log" \
+    || echo "pip install failed (offline?): continuing with the installed packages" | tee -a "$OUTDIR/gpu_check_install.log"
+fi
+
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  step "tests"
+  "$PY" -m pytest -q -x -k "not slow" 2>&1 | tail -n 40 | tee "$OUTDIR/gpu_check_tests.log" || status=1
+fi
+
+step "benchmarks.run (CUDA, DINOv2 random weights, fp32 backbone)"
+"$PY" -m benchmarks.run --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 --images 64 --repeats 5 \
+  --ref-images 4 --markdown --markdown-file "$OUTDIR/run_cuda_dinov2.md" --csv "$OUTDIR/run_cuda_dinov2.csv" \
+  --json "$OUTDIR/run_cuda_dinov2.json" 2>&1 | tee "$OUTDIR/run_cuda_dinov2.log" || status=1
+
+step "benchmarks.run (CUDA, DINOv2 random weights, bf16 backbone)"
+"$PY" -m benchmarks.run --device cuda --backbone dinov2_vits14_reg --batch-sizes 32 --images 64 --repeats 5 \
+  --amp bf16 --no-reference --markdown --markdown-file "$OUTDIR/run_cuda_dinov2_bf16.md" \
+  --csv "$OUTDIR/run_cuda_dinov2_bf16.csv" --json "$OUTDIR/run_cuda_dinov2_bf16.json" 2>&1 \
+  | tee "$OUTDIR/run_cuda_dinov2_bf16.log" || status=1
+
+step "benchmarks.run (CUDA, efficientnet_lite0 real weights)"
+"$PY" -m benchmarks.run --device cuda --backbone efficientnet_lite0 --batch-sizes 1 8 32 --images 32 --repeats 3 \
+  --ref-images 4 --markdown --markdown-file "$OUTDIR/run_cuda_effnet.md" --csv "$OUTDIR/run_cuda_effnet.csv" \
+  --json "$OUTDIR/run_cuda_effnet.json" 2>&1 | tee "$OUTDIR/run_cuda_effnet.log" || status=1
+
+step "benchmarks.profile_gpu (batch 32, compile + bf16)"
+"$PY" -m benchmarks.profile_gpu --device cuda --batch-size 32 --compile --amp bf16 --out-dir "$OUTDIR" 2>&1 \
+  | tee "$OUTDIR/profile_gpu.log" || status=1
+
+step "benchmarks.scaling (CUDA)"
+"$PY" -m benchmarks.scaling --device cuda --out-dir "$OUTDIR" 2>&1 | tee "$OUTDIR/scaling_cuda.log" || status=1
+
+step "summary against the targets (batch 32)"
+"$PY" - "$OUTDIR" <<'EOF' 2>&1 | tee "$OUTDIR/gpu_check_summary.log"
+import json, os, sys
+out = sys.argv[1]
+for name in ("run_cuda_dinov2.json", "run_cuda_dinov2_bf16.json"):
+    p = os.path.join(out, name)
+    if not os.path.exists(p):
+        print(f"{name}: missing"); continue
+    d = json.load(open(p))
+    for r in d["results"]:
+        if r["batch_size"] != 32:
+            continue
+        peak_gb = max(r["peak_mem_crf_mib"], r["peak_mem_nocrf_mib"]) / 1024
+        print(f"{name} ({d['meta']['machine'].get('gpu')}): with CRF {r['images_per_s_crf']:.0f} img/s (target >= 200) "
+              f"{'OK' if r['images_per_s_crf'] >= 200 else 'MISS'}; without CRF {r['images_per_s_nocrf']:.0f} img/s "
+              f"(target >= 500) {'OK' if r['images_per_s_nocrf'] >= 500 else 'MISS'}; peak {peak_gb:.2f} GB "
+              f"(target <= 8) {'OK' if peak_gb <= 8 else 'MISS'}")
+EOF
+echo "outputs in $OUTDIR (exit status $status)"
+exit $status

@@ -1,0 +1,93 @@
+"""Smoke tests of the benchmark scripts: they run on tiny inputs and write their outputs.
+
+No wall-clock assertions: only that each script runs end to end on the CPU and produces its
+CSV / JSON / markdown / PNG / Chrome-trace files with the expected structure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("psutil")
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_quick_writes_tables(tmp_path) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pydensecrf")
+    from benchmarks.run import STAGES, main
+
+    csv_p, json_p, md_p = tmp_path / "run.csv", tmp_path / "run.json", tmp_path / "run.md"
+    out = main(["--quick", "--device", "cpu", "--threads", "1", "--size", "96", "64", "--csv", str(csv_p),
+                "--json", str(json_p), "--markdown-file", str(md_p)])
+    rows = list(csv.DictReader(csv_p.open()))
+    assert [int(r["batch_size"]) for r in rows] == [1, 2]
+    for r in rows:
+        for s in STAGES:
+            assert float(r[f"{s}_ms"]) >= 0
+        assert float(r["images_per_s_crf"]) > 0 and float(r["images_per_s_nocrf"]) > 0
+        assert float(r["ratio_spectral_cluster"]) > 0 and float(r["ratio_whole_crf"]) > 0
+        assert r["k_consistent"] == "1"  # the stage decomposition reproduces forward's K
+    payload = json.loads(json_p.read_text())
+    assert payload["reference"]["n"] == 1 and payload["meta"]["machine"]["cpu"]
+    md = md_p.read_text()
+    assert "Machine:" in md and "| batch |" in md and "reference / ours" in md
+    assert out["results"][0]["stage_ms_per_image"]["kmeans"] >= 0
+
+
+def test_run_stage_problems_match_select_k() -> None:
+    """``problems_of`` builds the same problems as ``select_k`` (same labels for the chosen K)."""
+    from benchmarks.run import problems_of
+    from clasp_torch.cluster import kmeans, select_k
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    lo, hi = torch.tensor([2, 3]), torch.tensor([4, 5])
+    prob = problems_of(emb, mask, lo, hi)
+    assert prob is not None and prob["k"].tolist() == [2, 3, 4, 3, 4, 5]
+    res = kmeans(prob["x"], prob["k"], prob["mask"])
+    sel = select_k(emb, mask, lo, hi)
+    for b in range(2):
+        p = int(((prob["b_idx"] == b) & (prob["k"] == sel.k[b])).nonzero()[0, 0])
+        assert torch.equal(res.labels[p], sel.labels[b])
+
+
+def test_scaling_quick_writes_csv_and_plots(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks.scaling import main
+
+    out = main(["--quick", "--device", "cpu", "--threads", "1", "--n", "60", "120", "--megapixels", "0.003", "0.006",
+                "--full-max", "60", "--out-dir", str(tmp_path)])
+    rows = list(csv.DictReader((tmp_path / "scaling_spectral.csv").open()))
+    assert {(r["method"], int(r["n"])) for r in rows} == {("gram", 60), ("gram", 120), ("full", 60)}
+    assert any("skipped" in n for n in out["notes"])  # full path above --full-max
+    crf_rows = list(csv.DictReader((tmp_path / "scaling_crf.csv").open()))
+    assert len(crf_rows) == 2 and all(float(r["torch_s"]) > 0 for r in crf_rows)
+    for png in ("scaling_spectral.png", "scaling_crf.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "gram_eigen" in out["slopes"] and "crf_torch" in out["slopes"]
+
+
+def test_profile_cpu_writes_trace(tmp_path) -> None:
+    from benchmarks.profile_gpu import main
+
+    out = main(["--device", "cpu", "--batch-size", "1", "--size", "64", "48", "--amp", "bf16", "--repeats", "1",
+                "--threads", "1", "--out-dir", str(tmp_path)])
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    for stage in ("backbone", "affinity+eigen", "kmeans", "silhouette", "crf"):
+        assert f"clasp/{stage}" in names
+    assert set(out["backbone_ms_per_batch"]) == {"eager fp32", "eager bf16"}
+    assert (tmp_path / "profile_summary.json").exists() and (tmp_path / "profile_ops.txt").exists()
