@@ -112,71 +112,142 @@ class PathDataset:
 
 
 # ----------------------------------------------------------------------------------- segment
+_TMP_PATTERNS = (".*.png.*.tmp", ".*.jpg.*.tmp", ".*.json.*.tmp")
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create the output folder and make sure files can be written in it (else CLIError)."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".clasp_write_test.", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CLIError(f"cannot write to the output folder {str(out)!r}: {exc.strerror or exc}") from None
+
+
+def _previous_failures(report_path: Path) -> set[str]:
+    try:
+        rep = json.loads(report_path.read_text(encoding="utf-8"))
+        return {str(f["path"]) for f in rep.get("failures", []) if "path" in f}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+
+
+def _run_predict(trainer: Any, predictor: Any, loader: Any) -> None:
+    """``trainer.predict`` where Ctrl-C raises KeyboardInterrupt (Lightning turns it into exit 1)."""
+    import signal
+
+    old_handler = signal.getsignal(signal.SIGINT)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*predict_dataloader.*")
+            trainer.predict(predictor, loader, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning caught a KeyboardInterrupt and called sys.exit(1)
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        # Lightning ignores SIGINT after an interrupt; give the caller its handler back.
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from .data import collate_images
     from .lightning import CLASPPredictor, SegmentationWriter, output_stem, read_logs
+    from .viz import atomic_write_bytes
 
     out = Path(args.out)
+    dev = _device_args(args.device, args.devices)  # before the (slow) model build
+    _prepare_out_dir(out)
+    report_path = Path(args.report) if args.report else out / "clasp_report.json"
     paths, root, missing = collect_inputs(args.inputs)
+    n_found = len(paths) + len(missing)
+    n_skipped = 0
     if args.resume:
+        for pattern in _TMP_PATTERNS:  # temporaries of a run that was killed hard (SIGKILL)
+            for tmp in out.rglob(pattern):
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
         before = len(paths)
         paths = [p for p in paths if not (out / f"{output_stem(p, root)}.png").exists()]
-        print(f"--resume: {before - len(paths)} of {before} inputs already have outputs; skipping them", file=sys.stderr)
+        n_skipped = before - len(paths)
+        print(f"--resume: {n_skipped} of {before} inputs already have outputs; skipping them", file=sys.stderr)
+        retried = len(_previous_failures(report_path) & set(paths))
+        if retried:
+            print(f"--resume: retrying {retried} input(s) that failed in the previous run", file=sys.stderr)
     for m in missing:
-        print(f"skipped {m['path']}: {m['error']}", file=sys.stderr)
+        print(f"failed {m['path']}: {m['error']}", file=sys.stderr)
     model = _build_model(args, None if args.no_crf else "crf")
     predictor = CLASPPredictor(model)
-    dev = _device_args(args.device, args.devices)
     writer = SegmentationWriter(out, root=root, overlays=not args.no_overlay, stats_json=args.json_stats)
     failures: list[dict[str, Any]] = list(missing)
     n_ok = 0
     t0 = time.perf_counter()
     rank = 0
+    interrupted = False
     if paths:
         loader = DataLoader(
             PathDataset(paths), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
             collate_fn=collate_images,
         )
-        trainer = pl.Trainer(
-            **dev, strategy=args.strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
-            callbacks=[writer], enable_progress_bar=not args.quiet, num_nodes=args.num_nodes,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*predict_dataloader.*")
-            trainer.predict(predictor, loader, return_predictions=False)
+        try:
+            trainer = pl.Trainer(
+                **dev, strategy=args.strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                callbacks=[writer], enable_progress_bar=not args.quiet, num_nodes=args.num_nodes,
+            )
+        except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ...
+            raise CLIError(f"invalid --strategy/--devices/--num-nodes settings: {exc}") from None
+        try:
+            _run_predict(trainer, predictor, loader)
+        except KeyboardInterrupt:
+            interrupted = True
         rank = trainer.global_rank
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not interrupted:
             trainer.strategy.barrier()
         recs = read_logs(out)
         n_ok = sum(1 for r in recs if r.get("ok"))
         failures += [r for r in recs if not r.get("ok")]
     if rank != 0:
+        if interrupted:
+            raise KeyboardInterrupt
         return 0
     dt = time.perf_counter() - t0
     report = {
-        "inputs": len(paths) + len(missing),
+        "inputs": n_found,
+        "skipped_existing": n_skipped,
+        "processed": n_ok + len(failures),
         "ok": n_ok,
         "failed": len(failures),
         "failures": failures,
+        "interrupted": interrupted,
         "seconds": round(dt, 2),
         "backbone": model.backbone.name,
         "crf": not args.no_crf,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    report_path = Path(args.report) if args.report else out / "clasp_report.json"
-    from .viz import atomic_write_bytes
-
-    atomic_write_bytes(report_path, json.dumps(report, indent=1).encode())
-    print(f"segmented {n_ok} image(s) into {out} in {dt:.1f}s; {len(failures)} failed", file=sys.stderr)
+    try:
+        atomic_write_bytes(report_path, json.dumps(report, indent=1).encode())
+    except OSError as exc:
+        raise CLIError(f"cannot write the report {str(report_path)!r}: {exc.strerror or exc}") from None
+    skipped = f", {n_skipped} skipped (--resume)" if n_skipped else ""
+    print(f"segmented {n_ok} image(s) into {out} in {dt:.1f}s; {len(failures)} failed{skipped}", file=sys.stderr)
     if failures:
         print("failed inputs:", file=sys.stderr)
         for f in failures:
             print(f"  {f['path']}: {f['error']}", file=sys.stderr)
+    if failures or interrupted:
         print(f"report: {report_path}", file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
     return 1 if failures else 0
 
 
@@ -348,6 +419,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-patches must be >= 4")
     if getattr(args, "fixed_k", None) is not None and args.fixed_k < 2:
         parser.error("--fixed-k must be >= 2")
+    if getattr(args, "num_workers", 0) < 0:
+        parser.error("--num-workers must be >= 0")
+    if getattr(args, "devices", None) is not None and args.devices < 1:
+        parser.error("--devices must be >= 1")
+    if getattr(args, "num_nodes", 1) < 1:
+        parser.error("--num-nodes must be >= 1")
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
     try:
         return int(args.func(args))
     except CLIError as exc:

@@ -14,6 +14,7 @@ labels alone or inside any batch, on any device.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,23 @@ __all__ = [
     "best_in_band",
     "KBandClustering",
     "hash_uniform",
+    "canonical_labels",
 ]
 
 _MASK32 = 0xFFFFFFFF
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (Python or NumPy/torch integer, not bool), else a ValueError naming it."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
 
 
 def _hash32(x: Tensor) -> Tensor:
@@ -93,7 +108,10 @@ def _kmeanspp(x: Tensor, x2: Tensor, pmask: Tensor, n: Tensor, k: Tensor, n_init
     C = int(k.max())
     dev = x.device
     I = n_init
+    # sklearn's 2 + log(K) local trials, per problem: with the batch's largest K instead, an
+    # image's result would depend on the other images of its batch
     trials = 2 + int(math.log(max(C, 2)))
+    trials_p = 2 + torch.log(k.clamp_min(2).double()).floor().long()  # (P,)
     ar_i = torch.arange(I, device=dev).view(1, I)
     kk = k.view(P, 1)
     # first centre: uniform among the real points
@@ -116,7 +134,8 @@ def _kmeanspp(x: Tensor, x2: Tensor, pmask: Tensor, n: Tensor, k: Tensor, n_init
         # distances of every point to every candidate: (P, I, T, N)
         cd = (x2[:, None, None, :] - 2 * torch.einsum("pnd,pitd->pitn", x, cpts) + (cpts * cpts).sum(-1, keepdim=True)).clamp_min(0)
         newc = torch.minimum(closest.unsqueeze(2), cd) * fm.unsqueeze(2)
-        best = newc.sum(-1).argmin(-1)  # (P, I)
+        pot_t = newc.sum(-1).masked_fill(ar_t >= trials_p.view(P, 1, 1), float("inf"))
+        best = pot_t.argmin(-1)  # (P, I)
         closest = newc.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, N)).squeeze(2)
         chosen = cpts.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, d)).squeeze(2)
         active = (c < k).view(P, 1, 1).to(x.dtype)
@@ -133,7 +152,7 @@ def kmeans(
     max_iter: int = 300,
     tol: float = 1e-4,
     seed: int = 0,
-    check_every: int = 5,
+    check_every: int = 1,
 ) -> KMeansResult:
     """Batched Lloyd k-means with greedy k-means++ init and empty-cluster relocation.
 
@@ -160,20 +179,32 @@ def kmeans(
     """
     if x.dim() != 3:
         raise ValueError(f"x must have shape (P, N, d), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     P, N, d = x.shape
     dev = x.device
     if point_mask is None:
         point_mask = torch.ones(P, N, dtype=torch.bool, device=dev)
     if point_mask.shape != (P, N):
         raise ValueError(f"point_mask must have shape {(P, N)}, got {tuple(point_mask.shape)}")
-    k = torch.as_tensor(k, device=dev).long().view(-1)
+    point_mask = point_mask.to(device=dev, dtype=torch.bool)
+    k = torch.as_tensor(k, device=dev)
+    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise ValueError(f"k must hold integers, got dtype {k.dtype}")
+    k = k.long().view(-1)
     if k.shape[0] != P:
         raise ValueError(f"k must have one entry per problem ({P}), got {k.shape[0]}")
-    if n_init < 1:
-        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    n_init = _check_int("n_init", n_init, 1)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    check_every = _check_int("check_every", check_every, 1)
+    seed = _check_int("seed", seed)
+    if not float(tol) >= 0.0:  # also rejects NaN
+        raise ValueError(f"tol must be >= 0, got {tol}")
     n = point_mask.sum(-1)
     if bool((k < 1).any()) or bool((k > n).any()):
         raise ValueError("k must satisfy 1 <= k <= number of points for every problem")
+    if not bool(torch.isfinite(x[point_mask]).all()):
+        raise ValueError("x contains NaN or Inf values")
     C = int(k.max())
     I = n_init
     fm = point_mask.to(x.dtype)
@@ -192,11 +223,13 @@ def kmeans(
     pmq = point_mask.repeat_interleave(I, dim=0)  # (Q, N)
     cmq = cmask.squeeze(1).repeat_interleave(I, dim=0)  # (Q, C)
     tolq = tol_p.repeat_interleave(I)
-    active = torch.arange(Q, device=dev)
+    x2q = x2.repeat_interleave(I, dim=0)  # (Q, N)
+    # the active (not yet converged) restarts, kept compact: gathered only when the set shrinks
+    act = torch.arange(Q, device=dev)
+    xa, pa, ca, x2a, tola, cen = xq, pmq, cmq, x2q, tolq, centres.clone()
     it = 0
     for it in range(1, max_iter + 1):
-        xa, pa, ca, cen = xq[active], pmq[active], cmq[active], centres[active]
-        A = active.numel()
+        A = act.numel()
         lab, mind = _assign(xa, cen, ca)  # (A, N)
         flat = torch.where(pa, lab + C * torch.arange(A, device=dev).view(A, 1), A * C)  # padded → dump
         sums = torch.zeros(A * C + 1, d, dtype=x.dtype, device=dev).index_add_(0, flat.view(-1), xa.reshape(-1, d))
@@ -205,7 +238,7 @@ def kmeans(
         empty = (counts == 0) & ca
         if bool(empty.any()):
             # relocate empty clusters to the points farthest from their current centre (sklearn)
-            dist = (mind + x2.repeat_interleave(I, dim=0)[active]).masked_fill(~pa, -1.0)
+            dist = (mind + x2a).masked_fill(~pa, -1.0)
             far = dist.topk(C, dim=-1).indices  # (A, C)
             rank = (empty.long().cumsum(-1) - 1).clamp_min(0)
             pick = far.gather(-1, rank)
@@ -213,30 +246,65 @@ def kmeans(
             new = torch.where(empty.unsqueeze(-1), repl, new)
         new = new * ca.unsqueeze(-1).to(x.dtype)
         shift = ((new - cen) ** 2).sum((-1, -2))  # (A,)
-        centres[active] = new
+        cen = new
         if it % check_every == 0 or it == max_iter:
-            still = shift > tolq[active]
-            if not bool(still.any()):
-                break
-            active = active[still]
+            still = shift > tola
+            if not bool(still.all()):
+                done = ~still
+                centres[act[done]] = cen[done]
+                if not bool(still.any()):
+                    break
+                act, xa, pa, ca, x2a, tola, cen = (t[still] for t in (act, xa, pa, ca, x2a, tola, cen))
+    else:
+        centres[act] = cen
     lab, mind = _assign(xq, centres, cmq)
-    inertia = ((mind + x2.repeat_interleave(I, dim=0)).clamp_min(0) * pmq.to(x.dtype)).sum(-1).view(P, I)
-    best = inertia.argmin(-1)  # first minimum: the lowest restart index wins ties
+    inertia = ((mind + x2q).clamp_min(0) * pmq.to(x.dtype)).sum(-1).view(P, I)
+    # lowest restart index among (numerically) equal inertias, so float noise never decides
+    near = inertia <= inertia.min(-1, keepdim=True).values * (1 + 1e-9) + 1e-300
+    best = near.to(torch.int8).argmax(-1)
     qb = torch.arange(P, device=dev) * I + best
-    labels = lab[qb].masked_fill(~point_mask, -1)
-    centers = centres[qb]
+    labels, perm = canonical_labels(lab[qb], C, point_mask)
+    centers = centres[qb].gather(1, perm.unsqueeze(-1).expand(P, C, d))
     return KMeansResult(labels=labels, centers=centers, inertia=inertia.gather(1, best.view(P, 1)).squeeze(1), n_iter=it)
+
+
+def canonical_labels(labels: Tensor, n_clusters: int, point_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Renumber clusters in order of first appearance (by point index).
+
+    Makes equal partitions give identical label maps whatever the restart or batch.
+
+    Args:
+        labels: ``(P, N)`` in ``[0, C)``; point_mask ``(P, N)``.
+
+    Returns:
+        ``(new_labels (P, N) with -1 on padding, perm (P, C))`` where ``perm[p, j]`` is the old id
+        of new cluster ``j`` (empty clusters last).
+
+    Example:
+        >>> canonical_labels(torch.tensor([[2, 2, 0, 1]]), 3, torch.ones(1, 4, dtype=torch.bool))[0]
+        tensor([[0, 0, 1, 2]])
+    """
+    P, N = labels.shape
+    C = n_clusters
+    pos = torch.arange(N, device=labels.device).expand(P, N)
+    first = torch.full((P, C), N, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(1, labels.clamp_min(0), torch.where(point_mask, pos, N), reduce="amin")
+    perm = torch.sort(first, dim=-1, stable=True).indices  # new id -> old id
+    inv = perm.argsort(-1)  # old id -> new id
+    new = inv.gather(1, labels.clamp_min(0)).masked_fill(~point_mask, -1)
+    return new, perm
 
 
 def _assign(x: Tensor, centres: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest centre of each point: labels ``(Q, N)`` and ``||c||² − 2 x·c`` at the minimum.
 
-    ``x (Q, N, d)``, ``centres (Q, C, d)``, ``cmask (Q, C)``; masked centres never win.
+    ``x (Q, N, d)``, ``centres (Q, C, d)``, ``cmask (Q, C)``; masked centres never win. The
+    score is laid out ``(Q, C, N)`` (points contiguous), which is the faster GEMM and
+    reduction layout on both CPU and GPU.
     """
-    Q, C, _ = centres.shape
     c2 = (centres * centres).sum(-1).masked_fill(~cmask, float("inf"))  # (Q, C)
-    score = torch.baddbmm(c2.unsqueeze(1), x, centres.transpose(1, 2), alpha=-2)  # (Q, N, C)
-    mind, lab = score.min(-1)
+    score = torch.baddbmm(c2.unsqueeze(2), centres, x.transpose(1, 2), alpha=-2)  # (Q, C, N)
+    mind, lab = score.min(1)
     return lab, mind
 
 
@@ -330,9 +398,11 @@ def silhouette_score(
     n = point_mask.sum(-1).clamp_min(1)
     score = s.sum(-1) / n.to(s.dtype)
     C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
-    present = torch.zeros(labels.shape[0], max(C, 1), dtype=torch.bool, device=labels.device)
-    present.scatter_(1, labels.clamp_min(0), point_mask)
-    n_present = present.sum(-1)
+    # count members per cluster (scatter_add: padded points, clamped to label 0, add nothing;
+    # a plain scatter_ of the mask would let them overwrite cluster 0's flag)
+    counts = torch.zeros(labels.shape[0], max(C, 1), dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, labels.clamp_min(0), point_mask.long())
+    n_present = (counts > 0).sum(-1)
     return torch.where((n_present >= 2) & (n_present < point_mask.sum(-1)), score, torch.full_like(score, float("nan")))
 
 
@@ -392,11 +462,35 @@ def select_k(
     Returns:
         :class:`ClusterSelection`. Ties in silhouette go to the smaller K.
     """
+    if embedding.dim() != 3:
+        raise ValueError(f"embedding must have shape (B, N, M), got {tuple(embedding.shape)}")
+    if not embedding.is_floating_point():
+        raise ValueError(f"embedding must be a floating-point tensor, got dtype {embedding.dtype}")
     B, N, M = embedding.shape
     dev = embedding.device
+    if mask.shape != (B, N):
+        raise ValueError(f"mask must have shape (B, N) = {(B, N)}, got {tuple(mask.shape)}")
+    mask = mask.to(device=dev, dtype=torch.bool)
     n = mask.sum(-1)
-    k_lo = k_lo.to(dev).long()
-    k_hi = k_hi.to(dev).long()
+    k_lo = torch.as_tensor(k_lo, device=dev)
+    k_hi = torch.as_tensor(k_hi, device=dev)
+    for name, t in (("k_lo", k_lo), ("k_hi", k_hi)):
+        if t.shape != (B,):
+            raise ValueError(f"{name} must have shape (B,) = {(B,)}, got {tuple(t.shape)}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+    k_lo = k_lo.long()
+    k_hi = k_hi.long()
+    band = k_hi >= k_lo
+    if bool((band & (k_lo < 1)).any()):
+        raise ValueError(f"k_lo must be >= 1 wherever the band is non-empty, got {k_lo.tolist()}")
+    if bool((band & (k_hi > n)).any()):
+        raise ValueError(f"k_hi must not exceed the number of real points n = {n.tolist()}, got {k_hi.tolist()}")
+    n_init = _check_int("n_init", n_init, 1)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    seed = _check_int("seed", seed)
+    if max_problems is not None:
+        max_problems = _check_int("max_problems", max_problems, 1)
     kmin_all = int(k_lo.min()) if B else 2
     kmax_all = int(k_hi.max()) if B else 1
     labels_out = torch.full((B, N), -1, dtype=torch.long, device=dev)
@@ -413,8 +507,10 @@ def select_k(
     D = min(M, kmax_all)
     emb = embedding[..., :D].to(dtype)
     scores = torch.full((B, Kc), float("nan"), dtype=dtype, device=dev)
+    if P == 0:  # every band is empty: one segment per image
+        return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev), k_values, scores)
     all_labels = torch.empty(P, N, dtype=torch.long, device=dev)
-    step = P if max_problems is None else max(1, max_problems)
+    step = max(P, 1) if max_problems is None else max(1, max_problems)  # P = 0: every band empty
     for s0 in range(0, P, step):  # memory-bounding chunks, not a per-image loop
         sl = slice(s0, min(P, s0 + step))
         bi, kk = b_idx[sl], kp[sl]
@@ -432,7 +528,10 @@ def select_k(
     prob_of = torch.full((B, Kc), -1, dtype=torch.long, device=dev)
     prob_of[b_idx, kc_idx] = torch.arange(P, device=dev)
     chosen = prob_of.gather(1, best_kc.view(B, 1)).squeeze(1)
-    ok = has_band & (chosen >= 0)
+    # A band where every silhouette is NaN (fewer than two distinct points: duplicates, a
+    # uniform image) is a single segment, not K clusters of which only one is populated.
+    best_score = scores.gather(1, best_kc.view(B, 1)).squeeze(1) if Kc else scores.new_zeros(B)
+    ok = has_band & (chosen >= 0) & ~torch.isnan(best_score)
     labels = torch.where(ok.view(B, 1), all_labels[chosen.clamp_min(0)], labels_out)
     k = torch.where(ok, k_values[best_kc], torch.ones_like(best_kc))
     return ClusterSelection(labels=labels, k=k, k_values=k_values, scores=scores)

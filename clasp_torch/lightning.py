@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -107,23 +108,50 @@ class CLASPPredictor(pl.LightningModule):
         images: list[Tensor] = batch["image"]
         if not images:
             return records
-        out, singles = self._segment(images)
+        # Inputs the model rejects for sure (e.g. smaller than one patch) are reported up front,
+        # so they do not force the rest of the batch through the one-by-one retry.
+        keep: list[int] = []
+        for i, im in enumerate(images):
+            problem = self._check_image(im)
+            if problem is None:
+                keep.append(i)
+            else:
+                records.append({"path": batch["path"][i], "index": int(batch["index"][i]), "error": problem})
+        if not keep:
+            return records
+        out, singles = self._segment([images[i] for i in keep])
         if out is not None:
-            singles = [(i, out) for i in range(len(images))]
-        for i, res in singles:
+            singles = [(j, out) for j in range(len(keep))]
+        for j, res in singles:
+            i = keep[j]
             rec: dict[str, Any] = {"path": batch["path"][i], "index": int(batch["index"][i])}
             if isinstance(res, str):
                 rec["error"] = res
             else:
-                j = i if out is not None else 0
+                r = j if out is not None else 0
                 rec.update(
                     image=images[i],
-                    labels=res.label_map(j).cpu(),
-                    k=int(res.k[j]),
-                    k_opt=int(res.k_opt[j]),
+                    labels=res.label_map(r).cpu(),
+                    k=int(res.k[r]),
+                    k_opt=int(res.k_opt[r]),
                 )
             records.append(rec)
+        records.sort(key=lambda rec: rec["index"])
         return records
+
+    def _check_image(self, image: Tensor) -> str | None:
+        """One-line reason why the model cannot segment ``image``, or ``None``."""
+        from .preprocess import target_size
+
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            return f"ValueError: expected a (3, H, W) RGB image, got {shape}"
+        try:
+            target_size(int(image.shape[-2]), int(image.shape[-1]), self.model.backbone.patch_size,
+                        self.model.max_patches)
+        except ValueError as exc:
+            return _reason(exc)
+        return None
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.num_classes is None:
@@ -171,9 +199,14 @@ class SegmentationWriter(BasePredictionWriter):
         overlays: also write ``<stem>_overlay.jpg``.
         stats_json: also write ``<stem>.json`` with K, K_opt and per-segment areas/boxes.
         log_name: per-rank JSON-lines log of every processed input (``<log_name>.rank<r>.jsonl``).
+        report_failures: print each failed input on one line (``failed <path>: <reason>``) to
+            stderr as soon as its batch is written (through ``tqdm.write``, so a progress bar
+            stays intact).
 
     Outputs are written through a temporary file and renamed, so an interrupted run never leaves
-    a half-written file. Per-rank logs record ``{"path", "index", "ok", "error"?, "k"?}``.
+    a half-written file. The label map ``<stem>.png`` is written last, so its presence means
+    that every output of the input is complete (``clasp segment --resume`` relies on it).
+    Per-rank logs record ``{"path", "index", "ok", "error"?, "k"?}``.
     """
 
     def __init__(
@@ -183,8 +216,10 @@ class SegmentationWriter(BasePredictionWriter):
         overlays: bool = True,
         stats_json: bool = False,
         log_name: str = ".clasp_log",
+        report_failures: bool = True,
     ) -> None:
         super().__init__(write_interval="batch")
+        self.report_failures = report_failures
         self.out_dir = Path(out_dir)
         self.root = root
         self.overlays = overlays
@@ -223,9 +258,11 @@ class SegmentationWriter(BasePredictionWriter):
                     self._write_one(rec)
                     entry.update(ok=True, k=rec["k"], k_opt=rec["k_opt"])
                     self.n_ok += 1
-                except OSError as exc:
+                except (OSError, ValueError) as exc:
                     entry.update(ok=False, error=f"could not write output: {exc}")
                     self.failures.append(entry)
+            if not entry["ok"] and self.report_failures:
+                _report_line(f"failed {entry['path']}: {entry['error']}")
             lines.append(json.dumps(entry))
         with open(self.log_path(trainer.global_rank), "a", encoding="utf-8") as fh:
             fh.write("".join(line + "\n" for line in lines))
@@ -233,13 +270,23 @@ class SegmentationWriter(BasePredictionWriter):
     def _write_one(self, rec: dict[str, Any]) -> None:
         stem = output_stem(rec["path"], self.root)
         labels: Tensor = rec["labels"]
-        save_label_png(labels, self.out_dir / f"{stem}.png")
         if self.overlays:
             ov = overlay(rec["image"].cpu(), labels)
             save_image_atomic(Image.fromarray(ov), self.out_dir / f"{stem}_overlay.jpg", quality=90)
         if self.stats_json:
             info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
             atomic_write_bytes(self.out_dir / f"{stem}.json", json.dumps(info, indent=1).encode())
+        save_label_png(labels, self.out_dir / f"{stem}.png")  # last: marks the input as done
+
+
+def _report_line(msg: str) -> None:
+    """One line on stderr that does not break a tqdm progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    except Exception:  # pragma: no cover - tqdm is a Lightning dependency
+        print(msg, file=sys.stderr, flush=True)
 
 
 def read_logs(out_dir: str | os.PathLike[str], log_name: str = ".clasp_log") -> list[dict[str, Any]]:

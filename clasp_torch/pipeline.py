@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, get_backbone
-from .cluster import ClusterSelection, select_k
+from .cluster import ClusterSelection, _check_int, select_k
 from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
 from .spectral import AffinityKind, EigenMethod, eigengap_elbow, k_band, spectral_decomposition
 
@@ -218,16 +218,28 @@ class CLASP(nn.Module):
         max_problems: int | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must lie in (0, 1), got {beta}")
-        if fixed_k is not None and int(fixed_k) < 2:
-            raise ValueError(f"fixed_k must be >= 2, got {fixed_k}")
-        if n_init < 1:
-            raise ValueError(f"n_init must be >= 1, got {n_init}")
-        if max_patches < 4:
-            raise ValueError(f"max_patches must be >= 4, got {max_patches}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must lie in (0, 1), got {beta!r}")
+        if fixed_k is not None:
+            fixed_k = _check_int("fixed_k", fixed_k, 2)
+        n_init = _check_int("n_init", n_init, 1)
+        max_iter = _check_int("max_iter", max_iter, 1)
+        seed = _check_int("seed", seed)
+        max_patches = _check_int("max_patches", max_patches, 4)
+        if max_problems is not None:
+            max_problems = _check_int("max_problems", max_problems, 1)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         if k_selector not in ("eigengap", "entropy"):
             raise ValueError(f"k_selector must be 'eigengap' or 'entropy', got {k_selector!r}")
+        if eigen_method not in ("auto", "gram", "full"):
+            raise ValueError(f"eigen_method must be 'auto', 'gram' or 'full', got {eigen_method!r}")
+        if affinity not in ("cosine", "cosine_clipped", "gaussian", "laplacian"):
+            raise ValueError(
+                f"affinity must be 'cosine', 'cosine_clipped', 'gaussian' or 'laplacian', got {affinity!r}"
+            )
+        if amp_dtype is not None and not (isinstance(amp_dtype, torch.dtype) and amp_dtype.is_floating_point):
+            raise ValueError(f"amp_dtype must be None or a floating-point torch.dtype, got {amp_dtype!r}")
         self.backbone: Backbone = get_backbone(backbone, weights=weights, pretrained=pretrained)
         self.backbone.eval()
         self.beta = beta
@@ -260,6 +272,8 @@ class CLASP(nn.Module):
             ``features (B, h_max, w_max, D)`` (zero padded), ``patch_mask (B, h_max, w_max)``,
             ``grid_sizes (B, 2)``.
         """
+        if len(imgs) == 0:
+            raise ValueError("imgs is empty: pass at least one (3, H, W) image")
         bb = self.backbone
         p = bb.patch_size
         dev = imgs[0].device
@@ -280,6 +294,13 @@ class CLASP(nn.Module):
             batch = torch.stack([prepped[i] for i in idx])
             with amp:
                 out = bb(batch)
+            h_g, w_g = batch.shape[-2] // p, batch.shape[-1] // p
+            if not isinstance(out, Tensor) or out.dim() != 4 or tuple(out.shape[:3]) != (len(idx), h_g, w_g):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"backbone returned features of shape {got} for a batch of shape {tuple(batch.shape)}; "
+                    f"expected (B, H/patch_size, W/patch_size, D) = ({len(idx)}, {h_g}, {w_g}, D)"
+                )
             out = out.float()
             if feats is None:
                 feats = out.new_zeros(len(imgs), hm, wm, out.shape[-1])
@@ -292,35 +313,76 @@ class CLASP(nn.Module):
         return feats, pmask, grids
 
     def cluster_features(
-        self, feats: Tensor, patch_mask: Tensor
+        self, feats: Tensor, patch_mask: Tensor, single_segment: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, ClusterSelection]:
         """Spectral stage and K search on padded patch features.
 
         The patch grid ``(B, h_max, w_max, D)`` is flattened row-major with each image's real
         patches moved to the front (the layout the spectral stage expects).
 
+        Degenerate images are one segment (``k = 1``, ``k_opt = 1``, all labels 0, NaN
+        silhouettes) instead of K clusters of noise: images flagged in ``single_segment``, and
+        images whose normalised feature rows all point the same way (affinity of numerical
+        rank < 2 with no opposite rows: constant or near-constant features, all-zero features,
+        a single patch). Images with 2 patches are one segment too (the silhouette needs
+        ``K <= n - 1``).
+
+        Args:
+            feats: ``(B, h_max, w_max, D)`` float features (zero padded).
+            patch_mask: ``(B, h_max, w_max)`` boolean, True on real patches (each image needs
+                at least one).
+            single_segment: optional ``(B,)`` boolean, force these images to one segment.
+
         Returns:
             ``(patch_labels (B, h_max, w_max), k_opt (B,), eigenvalues (B, N), selection)``.
+
+        Raises:
+            ValueError: wrong shapes, an image without patches, NaN/Inf features.
         """
+        if feats.dim() != 4:
+            raise ValueError(f"feats must have shape (B, h, w, D), got {tuple(feats.shape)}")
         B, hm, wm, D = feats.shape
+        if patch_mask.shape != (B, hm, wm):
+            raise ValueError(f"patch_mask must have shape (B, h, w) = {(B, hm, wm)}, got {tuple(patch_mask.shape)}")
+        patch_mask = patch_mask.to(device=feats.device, dtype=torch.bool)
+        if B and bool((patch_mask.reshape(B, -1).sum(-1) == 0).any()):
+            raise ValueError("patch_mask: every image needs at least one real patch")
+        if single_segment is not None:
+            single_segment = torch.as_tensor(single_segment, device=feats.device).bool()
+            if single_segment.shape != (B,):
+                raise ValueError(f"single_segment must have shape (B,) = {(B,)}, got {tuple(single_segment.shape)}")
         flat_mask = patch_mask.reshape(B, hm * wm)
         # stable sort: real patches first, in row-major order
         order = torch.argsort((~flat_mask).to(torch.int8), dim=1, stable=True)
         f = feats.reshape(B, hm * wm, D).gather(1, order.unsqueeze(-1).expand(B, hm * wm, D))
         m = flat_mask.gather(1, order)
-        spec = spectral_decomposition(f, m, method=self.eigen_method, affinity=self.affinity)
+        method = self.eigen_method
+        if method == "auto" and self.affinity == "cosine":
+            # always the exact Gram path: spectral_decomposition's own "auto" switches path on the
+            # padded N of the batch, which would let an image's result depend on its batch
+            method = "gram"
+        spec = spectral_decomposition(f, m, method=method, affinity=self.affinity)
         if self.k_selector == "entropy":
             from .selectors import effective_rank_k
 
             k_opt = effective_rank_k(spec.eigenvalues, spec.n)
         else:
             k_opt = eigengap_elbow(spec.eigenvalues, spec.n)
+        # K can never exceed the number of distinct feature vectors (duplicate rows): more
+        # clusters would split identical points by float noise.
+        n_distinct = _count_distinct_rows(f, m)
         if self.fixed_k is not None:
             kf = torch.full_like(k_opt, self.fixed_k)
-            lo = kf
-            hi = torch.minimum(kf, spec.n - 1)
+            lo = torch.minimum(kf, n_distinct.clamp_min(2))
+            hi = torch.minimum(torch.minimum(kf, spec.n - 1), n_distinct)
         else:
             lo, hi = k_band(k_opt, spec.n, self.beta)
+            hi = torch.minimum(hi, n_distinct)
+        single = _single_direction(spec.eigenvalues, spec.eigenvectors, spec.n)
+        if single_segment is not None:
+            single = single | single_segment
+        k_opt = torch.where(single, torch.ones_like(k_opt), k_opt)
+        hi = torch.where(single, lo - 1, hi)  # an empty band: select_k returns one segment
         sel = select_k(spec.eigenvectors, m, lo, hi, n_init=self.n_init, max_iter=self.max_iter,
                        tol=self.tol, seed=self.seed, max_problems=self.max_problems)
         # scatter back to the grid layout
@@ -335,11 +397,18 @@ class CLASP(nn.Module):
         imgs = [im.to(self._device()) for im in images_to_list(images)]
         image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long)
         feats, pmask, grids = self.extract_features(imgs)
-        patch_labels, k_opt, evals, sel = self.cluster_features(feats, pmask)
+        padded, imask = pad_images([_to_uint8(im) for im in imgs])
+        # A uniform image (one colour, up to UNIFORM_TOLERANCE grey levels) is one segment;
+        # its features are not constant (zero padding / position embeddings vary over the grid)
+        # so the feature-level test of cluster_features cannot see it.
+        m4 = imask.unsqueeze(1)
+        hi_px = padded.masked_fill(~m4, 0).amax((2, 3)).long()  # (B, 3)
+        lo_px = padded.masked_fill(~m4, 255).amin((2, 3)).long()
+        uniform = (hi_px - lo_px).amax(-1) <= UNIFORM_TOLERANCE
+        patch_labels, k_opt, evals, sel = self.cluster_features(feats, pmask, single_segment=uniform.to(feats.device))
         dev = feats.device
         coarse = upsample_labels(patch_labels, grids.to(dev), image_sizes.to(dev))
         labels = coarse
-        padded, imask = pad_images([_to_uint8(im) for im in imgs])
         if self.refiner is not None:
             labels = self.refiner(padded, coarse.clamp_min(0), sel.k, imask).masked_fill(~imask, -1)
         return CLASPOutput(
@@ -351,6 +420,53 @@ class CLASP(nn.Module):
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, fixed_k={self.fixed_k}, n_init={self.n_init}, seed={self.seed}, "
                 f"max_patches={self.max_patches}, k_selector={self.k_selector!r}")
+
+
+UNIFORM_TOLERANCE = 2
+"""Images whose every channel spans at most this many grey levels (uint8 units) are one segment."""
+
+# Affinity eigenvalues below this fraction of the largest are numerically zero (the Gram path's
+# default rank tolerance).
+_RANK_TOL = 1e-10
+
+
+def _count_distinct_rows(features: Tensor, mask: Tensor) -> Tensor:
+    """``(B,)`` number of distinct normalised feature rows among the real ones.
+
+    Rows are compared after L2 normalisation and rounding to ``2**-20`` (so rows that differ
+    only by float noise count once), through a 64-bit hash of each row and one sort.
+    """
+    from .spectral import normalize_features
+
+    B, N, D = features.shape
+    q = torch.round(normalize_features(features, mask).double() * 2**20).long()
+    g = torch.Generator(device="cpu").manual_seed(0x5EED)
+    w = torch.randint(1, 2**31 - 1, (D,), generator=g, dtype=torch.long).to(features.device)
+    h = (q * w).sum(-1)  # int64 arithmetic wraps: a hash
+    h = h.masked_fill(~mask, torch.iinfo(torch.long).max).sort(-1).values
+    n = mask.sum(-1)
+    pos = torch.arange(1, N, device=features.device).view(1, -1)
+    change = (h[:, 1:] != h[:, :-1]) & (pos < n.view(-1, 1))
+    return (1 + change.sum(-1)).minimum(n)
+
+
+def _single_direction(eigenvalues: Tensor, eigenvectors: Tensor, n: Tensor) -> Tensor:
+    """``(B,)`` True where every normalised feature row points the same way (or is zero).
+
+    That is the cosine affinity has numerical rank <= 1 and its leading eigenvector has no
+    entries of opposite signs (rank 1 with opposite rows, ``f`` and ``-f``, is two segments).
+    """
+    B, N = eigenvalues.shape
+    lam = eigenvalues.double()
+    lam1 = lam[:, 0].abs()
+    lam2 = lam[:, 1].abs() if N > 1 else torch.zeros_like(lam1)
+    rank_le1 = (lam2 <= _RANK_TOL * lam1) | (n <= 1)
+    if eigenvectors.shape[-1] == 0:
+        return rank_le1
+    u1 = eigenvectors[..., 0].double()
+    tol = 1e-6 * u1.abs().amax(-1, keepdim=True)
+    same_sign = ~((u1 > tol).any(-1) & (u1 < -tol).any(-1))
+    return rank_le1 & same_sign
 
 
 def _to_uint8(im: Tensor) -> Tensor:

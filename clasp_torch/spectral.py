@@ -75,11 +75,28 @@ def normalize_features(features: Tensor, mask: Tensor | None = None, eps: float 
                  [0.0000, 1.0000]]])
     """
     m = valid_mask(features, mask)
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating-point tensor, got dtype {features.dtype}")
     if not torch.isfinite(features[m]).all():
         raise ValueError("features contain NaN or Inf values; the backbone output is invalid")
     norm = features.norm(dim=-1, keepdim=True)
     out = features / norm.clamp_min(eps)
-    return out * m.unsqueeze(-1).to(out.dtype)
+    # Degenerate scales: the plain norm overflows (huge features) or loses precision to
+    # underflow (tiny features). Those rows are rescaled by their largest entry first, so the
+    # result is the unit vector of any finite row whatever its scale. Rows of ordinary scale
+    # keep the plain formula bit for bit.
+    tiny = torch.finfo(features.dtype).tiny
+    safe = torch.isfinite(norm) & (norm >= tiny**0.25)
+    if not bool(safe[m.unsqueeze(-1)].all()):
+        scale = features.abs().amax(-1, keepdim=True)
+        fs = features / torch.where(scale > 0, scale, torch.ones_like(scale))
+        ns = fs.norm(dim=-1, keepdim=True)
+        big = scale * ns  # the true norm (inf when it overflows, which is > eps)
+        rescaled = torch.where(big > eps, fs / ns.clamp_min(tiny), torch.zeros_like(fs))
+        out = torch.where(safe, out, rescaled)
+    # rows with a norm below eps are exactly zero; padded rows are zero whatever they hold
+    keep = m.unsqueeze(-1) & ~(norm < eps)
+    return torch.where(keep, out, torch.zeros_like(out))
 
 
 def cosine_affinity(features: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -231,6 +248,13 @@ def spectral_decomposition(
         evals = evals.flip(-1)
         evecs = evecs.flip(-1) * m.unsqueeze(-1).double()
         evals = torch.where(torch.arange(N, device=m.device).unsqueeze(0) < n.unsqueeze(1), evals, 0.0)
+        if affinity == "cosine":
+            # As on the Gram path: eigenvalues below rank_tol * λ_max are exact zeros and their
+            # eigenvectors (an arbitrary basis of the null space, e.g. for duplicate feature
+            # rows) are zero columns, so both paths give the same embedding.
+            null = evals.abs() <= rank_tol * evals[:, :1].abs()
+            evals = evals.masked_fill(null, 0.0)
+            evecs = evecs.masked_fill(null.unsqueeze(1), 0.0)
     return SpectralResult(eigenvalues=evals, eigenvectors=evecs, n=n, mask=m)
 
 
@@ -260,7 +284,9 @@ def eigengap_elbow(eigenvalues: Tensor, n: Tensor | None = None) -> Tensor:
     lam = eigenvalues.double()
     if n is None:
         n = torch.full((B,), N, dtype=torch.long, device=lam.device)
-    n = n.to(device=lam.device, dtype=torch.long)
+    n = torch.as_tensor(n).to(device=lam.device, dtype=torch.long)
+    if n.shape != (B,):
+        raise ValueError(f"n must have shape (B,) = {(B,)}, got {tuple(n.shape)}")
     if N < 2:
         return n.clamp(max=1).clone()
     gaps = lam[:, :-1] - lam[:, 1:]  # (B, N-1): gap i (1-based) at index i-1
@@ -304,6 +330,12 @@ def k_band(k_opt: Tensor, n: Tensor, beta: float = 0.5, k_min: int = 2) -> tuple
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ValueError(f"k_min must be an integer >= 1, got {k_min!r}")
+    k_opt = torch.as_tensor(k_opt)
+    n = torch.as_tensor(n, device=k_opt.device)
+    if k_opt.dim() != 1 or n.shape != k_opt.shape:
+        raise ValueError(f"k_opt and n must both have shape (B,), got {tuple(k_opt.shape)} and {tuple(n.shape)}")
     kf = k_opt.double()
     # Rounded to 9 decimals first so that e.g. 6 * 1.5 is not ceil'd up by float noise.
     lo = torch.floor(torch.round(kf * (1 - beta), decimals=9)).long().clamp_min(k_min)

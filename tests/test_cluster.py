@@ -161,3 +161,18 @@ def test_select_k_single_segment_when_band_empty() -> None:
     emb = torch.randn(1, 2, 3)
     sel = select_k(emb, torch.ones(1, 2, dtype=torch.bool), torch.tensor([2]), torch.tensor([1]))
     assert int(sel.k) == 1 and sel.labels.tolist() == [[0, 0]]
+
+
+def test_silhouette_ignores_padding_for_cluster_presence() -> None:
+    x = torch.tensor([[[0.0], [0.1], [5.0], [5.2], [0.0], [0.0]]], dtype=torch.float64)
+    lab = torch.tensor([[0, 0, 1, 1, -1, -1]])
+    mask = lab >= 0
+    assert float(silhouette_score(x, lab, 2, mask)) == pytest.approx(0.97029, abs=1e-5)
+
+
+def test_kmeans_init_independent_of_other_problems_k() -> None:
+    x = torch.from_numpy(_blobs(80, 5, 4, 11))[None]
+    alone = kmeans(x, torch.tensor([5]), seed=3)
+    other = torch.from_numpy(_blobs(80, 9, 4, 12))[None]
+    both = kmeans(torch.cat([x, other]), torch.tensor([5, 40]), seed=3)  # 40 → more k-means++ trials
+    assert torch.equal(alone.labels[0], both.labels[0])
