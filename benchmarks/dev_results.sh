@@ -15,5 +15,6 @@ for ds in cocostuff ade20k; do
     --fixed-k 9 --json "$OUT/eval_${ds}_fixed9.json"
 done
 python -m benchmarks.compare_selectors --data "$DATA" --json "$OUT/compare_selectors.json"
+for ds in cocostuff ade20k; do python -m benchmarks.compare_crf_pipeline --dataset "$ds" --root "$DATA/$ds-val-dev" --threads 1 --json "$OUT/compare_crf_$ds.json"; done
 python -m benchmarks.compare_reference --dataset cocostuff --root "$DATA/cocostuff-val-dev" \
   --json "$OUT/compare_reference_cocostuff.json"
