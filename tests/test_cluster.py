@@ -176,3 +176,37 @@ def test_kmeans_init_independent_of_other_problems_k() -> None:
     other = torch.from_numpy(_blobs(80, 9, 4, 12))[None]
     both = kmeans(torch.cat([x, other]), torch.tensor([5, 40]), seed=3)  # 40 → more k-means++ trials
     assert torch.equal(alone.labels[0], both.labels[0])
+
+
+def test_kmeans_size_buckets_equal_single_problems_and_sklearn_tol() -> None:
+    # a band of K (2 .. 12) on one point set whose coordinates beyond K are zero, as select_k
+    # builds them: the size buckets (padding to each bucket's largest K / used dimension) must
+    # give every problem the result it gets alone, and the tol must stay relative to all d columns
+    x = torch.from_numpy(_blobs(150, 6, 12, 21))
+    ks = list(range(2, 13))
+    X = torch.stack([x * (torch.arange(12) < k).double() for k in ks])
+    both = kmeans(X, torch.tensor(ks), seed=5)
+    assert both.centers.shape == (len(ks), 12, 12)
+    for i, k in enumerate(ks):
+        one = kmeans(X[i : i + 1], torch.tensor([k]), seed=5)
+        assert torch.equal(one.labels[0], both.labels[i])
+        assert float(one.inertia[0]) == pytest.approx(float(both.inertia[i]), rel=1e-12)
+        torch.testing.assert_close(one.centers[0, :k], both.centers[i, :k])
+        assert torch.all(both.centers[i, k:] == 0) and torch.all(both.centers[i, :, k:] == 0)
+        ref = KMeans(k, n_init=10, random_state=0).fit(X[i, :, :k].numpy())
+        assert float(both.inertia[i]) <= ref.inertia_ * 1.02  # K above the 6 blobs: local optima differ
+
+
+def test_silhouette_size_buckets_match_sklearn() -> None:
+    # problems with very different numbers of clusters and used dimensions in one batch
+    rng = np.random.default_rng(3)
+    ks = [2, 3, 9, 15, 16, 30]
+    N, d = 120, 30
+    X = torch.zeros(len(ks), N, d, dtype=torch.float64)
+    L = torch.zeros(len(ks), N, dtype=torch.long)
+    for i, k in enumerate(ks):
+        X[i, :, :k] = torch.from_numpy(_blobs(N, k, k, 40 + i))
+        L[i] = torch.from_numpy(np.concatenate([np.arange(k), rng.integers(0, k, N - k)]))
+    got = silhouette_score(X, L, 30).numpy()
+    want = [sk_silhouette(X[i, :, :k].numpy(), L[i].numpy()) for i, k in enumerate(ks)]
+    np.testing.assert_allclose(got, want, atol=1e-10)
