@@ -20,7 +20,9 @@ def test_notebook_is_committed_without_outputs() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_quickstart_notebook_executes(tmp_path: Path) -> None:
+def test_quickstart_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel inherits the environment: a headless MPLBACKEND=Agg would swallow the figures
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
