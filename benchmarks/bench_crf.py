@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
@@ -31,6 +30,7 @@ sys.path.insert(
     0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 )
 
+from benchmarks.run import PeakRSS
 from clasp_torch.crf import dense_crf, unary_from_labels
 
 SHARED = os.path.normpath(
@@ -103,39 +103,6 @@ def run_torch(
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Q
-
-
-class PeakRSS:
-    """Samples the process RSS in a background thread; ``peak - start`` is the high-water delta."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        """Start sampling."""
-        self.start = self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def delta_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def main() -> None:

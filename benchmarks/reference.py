@@ -43,6 +43,7 @@ __all__ = [
     "k_band",
     "reference_clasp",
     "pixel_labels",
+    "pydensecrf_q",
     "pydensecrf_refine",
     "hungarian_miou_stats",
     "DATASETS",
@@ -152,6 +153,39 @@ def pixel_labels(patch_labels: np.ndarray, H: int, W: int) -> np.ndarray:
     return patch_labels[rows][:, cols]
 
 
+def pydensecrf_q(
+    image: np.ndarray,
+    labels: np.ndarray,
+    n_labels: int,
+    gt_prob: float = 0.8,
+    sxy_g: float = 4,
+    compat_g: float = 4,
+    sxy_b: float = 80,
+    srgb: float = 13,
+    compat_b: float = 10,
+    n_iter: int = 20,
+) -> np.ndarray:
+    """pydensecrf's mean-field marginals ``Q (n_labels, H, W)`` (float32) for hard labels.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        labels: ``(H, W)`` int labels in ``0..n_labels-1``.
+        compat_g, compat_b: a kernel whose weight is 0 is not added at all.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_labels
+
+    H, W = labels.shape
+    d = dcrf.DenseCRF2D(W, H, n_labels)
+    U = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
+    d.setUnaryEnergy(np.ascontiguousarray(U))
+    if compat_g:
+        d.addPairwiseGaussian(sxy=sxy_g, compat=compat_g)
+    if compat_b:
+        d.addPairwiseBilateral(sxy=sxy_b, srgb=srgb, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=compat_b)
+    return np.array(d.inference(n_iter), dtype=np.float32).reshape(n_labels, H, W)
+
+
 def pydensecrf_refine(
     image: np.ndarray,
     labels: np.ndarray,
@@ -164,26 +198,14 @@ def pydensecrf_refine(
     compat_b: float = 10,
     n_iter: int = 20,
 ) -> np.ndarray:
-    """Dense-CRF refinement of pixel labels with pydensecrf.
+    """Dense-CRF refinement of pixel labels with pydensecrf: the argmax of :func:`pydensecrf_q`.
 
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB.
-        labels: ``(H, W)`` int labels in ``0..n_labels-1``.
     Returns:
         ``(H, W)`` int64 refined labels.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_labels
-
-    H, W = labels.shape
     n_labels = max(int(n_labels), 2)  # unary_from_labels divides by n_labels - 1
-    d = dcrf.DenseCRF2D(W, H, n_labels)
-    U = unary_from_labels(labels.astype(np.int64), n_labels, gt_prob=gt_prob, zero_unsure=False)
-    d.setUnaryEnergy(np.ascontiguousarray(U))
-    d.addPairwiseGaussian(sxy=sxy_g, compat=compat_g)
-    d.addPairwiseBilateral(sxy=sxy_b, srgb=srgb, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=compat_b)
-    Q = d.inference(n_iter)
-    return np.argmax(np.array(Q), axis=0).reshape(H, W).astype(np.int64)
+    Q = pydensecrf_q(image, labels, n_labels, gt_prob, sxy_g, compat_g, sxy_b, srgb, compat_b, n_iter)
+    return Q.argmax(0).astype(np.int64)
 
 
 def hungarian_miou_stats(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int) -> dict[str, np.ndarray | int]:

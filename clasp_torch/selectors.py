@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .spectral import spectrum_and_counts
+
 __all__ = ["background_score", "effective_rank_k", "spectral_entropy"]
 
 
@@ -38,15 +40,8 @@ def spectral_entropy(eigenvalues: Tensor, n: Tensor | None = None) -> Tensor:
         >>> spectral_entropy(torch.tensor([[1.0, 1.0, 0.0, 0.0]])).exp()
         tensor([2.], dtype=torch.float64)
     """
-    if eigenvalues.dim() != 2:
-        raise ValueError(f"eigenvalues must have shape (B, N), got {tuple(eigenvalues.shape)}")
-    B, N = eigenvalues.shape
-    lam = eigenvalues.double()
-    if n is None:
-        n = torch.full((B,), N, dtype=torch.long, device=lam.device)
-    n = n.to(device=lam.device, dtype=torch.long)
-    if n.shape != (B,):
-        raise ValueError(f"n must have shape (B,) = {(B,)}, got {tuple(n.shape)}")
+    lam, n = spectrum_and_counts(eigenvalues, n)
+    N = lam.shape[1]
     valid = torch.arange(N, device=lam.device).unsqueeze(0) < n.unsqueeze(1)
     lam = torch.where(valid, lam.clamp_min(0), torch.zeros_like(lam))
     total = lam.sum(-1, keepdim=True)

@@ -34,6 +34,7 @@ __all__ = [
     "affinity_matrix",
     "spectral_decomposition",
     "eigengap_elbow",
+    "spectrum_and_counts",
     "k_band",
     "SpectralEmbedding",
     "valid_mask",
@@ -258,6 +259,27 @@ def spectral_decomposition(
     return SpectralResult(eigenvalues=evals, eigenvectors=evecs, n=n, mask=m)
 
 
+def spectrum_and_counts(eigenvalues: Tensor, n: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Check a padded batch of spectra; return it in float64 with its valid counts.
+
+    Args:
+        eigenvalues: ``(B, N)``; n: ``(B,)`` valid entries per row (default ``N``).
+
+    Returns:
+        ``(eigenvalues (B, N) float64, n (B,) int64)`` on the eigenvalues' device.
+    """
+    if eigenvalues.dim() != 2:
+        raise ValueError(f"eigenvalues must have shape (B, N), got {tuple(eigenvalues.shape)}")
+    B, N = eigenvalues.shape
+    lam = eigenvalues.double()
+    if n is None:
+        n = torch.full((B,), N, dtype=torch.long, device=lam.device)
+    n = torch.as_tensor(n).to(device=lam.device, dtype=torch.long)
+    if n.shape != (B,):
+        raise ValueError(f"n must have shape (B,) = {(B,)}, got {tuple(n.shape)}")
+    return lam, n
+
+
 def eigengap_elbow(eigenvalues: Tensor, n: Tensor | None = None) -> Tensor:
     """Eigengap elbow of Algorithm 1, vectorised over the batch.
 
@@ -278,15 +300,8 @@ def eigengap_elbow(eigenvalues: Tensor, n: Tensor | None = None) -> Tensor:
         >>> eigengap_elbow(lam)
         tensor([3])
     """
-    if eigenvalues.dim() != 2:
-        raise ValueError(f"eigenvalues must have shape (B, N), got {tuple(eigenvalues.shape)}")
-    B, N = eigenvalues.shape
-    lam = eigenvalues.double()
-    if n is None:
-        n = torch.full((B,), N, dtype=torch.long, device=lam.device)
-    n = torch.as_tensor(n).to(device=lam.device, dtype=torch.long)
-    if n.shape != (B,):
-        raise ValueError(f"n must have shape (B,) = {(B,)}, got {tuple(n.shape)}")
+    lam, n = spectrum_and_counts(eigenvalues, n)
+    N = lam.shape[1]
     if N < 2:
         return n.clamp(max=1).clone()
     gaps = lam[:, :-1] - lam[:, 1:]  # (B, N-1): gap i (1-based) at index i-1

@@ -22,6 +22,8 @@ dcrf = pytest.importorskip(
 )
 putils = pytest.importorskip("pydensecrf.utils")
 
+from benchmarks.reference import pydensecrf_q
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 REAL_DIRS = [
@@ -40,33 +42,6 @@ def _single_thread():
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _pydensecrf_q(
-    img: np.ndarray,
-    labels: np.ndarray,
-    n_labels: int,
-    n_iter: int = 20,
-    gt_prob: float = 0.8,
-    sxy_g: float = 4,
-    compat_g: float = 4,
-    sxy_b: float = 80,
-    srgb: float = 13,
-    compat_b: float = 10,
-) -> np.ndarray:
-    """Reference: pydensecrf with the pipeline's settings. img (H,W,3) uint8, labels (H,W) -> Q (K,H,W)."""
-    H, W = labels.shape
-    d = dcrf.DenseCRF2D(W, H, n_labels)
-    d.setUnaryEnergy(
-        putils.unary_from_labels(labels, n_labels, gt_prob, zero_unsure=False)
-    )
-    if compat_g:
-        d.addPairwiseGaussian(sxy=sxy_g, compat=compat_g)
-    if compat_b:
-        d.addPairwiseBilateral(
-            sxy=sxy_b, srgb=srgb, rgbim=np.ascontiguousarray(img), compat=compat_b
-        )
-    return np.array(d.inference(n_iter), dtype=np.float32).reshape(n_labels, H, W)
 
 
 def _torch_q(img: np.ndarray, labels: np.ndarray, n_labels: int, **kw) -> np.ndarray:
@@ -138,7 +113,7 @@ def test_unary_label_mask_per_image_counts() -> None:
 def test_matches_pydensecrf_synthetic(weights: tuple[float, float]) -> None:
     img, _, noisy = _synthetic()
     cg, cb = weights
-    Qr = _pydensecrf_q(img, noisy, 3, compat_g=cg, compat_b=cb)
+    Qr = pydensecrf_q(img, noisy, 3, compat_g=cg, compat_b=cb)
     Qt = _torch_q(img, noisy, 3, compat_gaussian=cg, compat_bilateral=cb)
     assert np.abs(Qt - Qr).max() < 1e-4
     assert (Qt.argmax(0) == Qr.argmax(0)).mean() >= 0.999
@@ -174,7 +149,7 @@ def test_agreement_real_images() -> None:
         img = np.array(Image.open(f).convert("RGB"))
         K = 6 + (i % 3) * 2  # 6, 8, 10 labels
         lab = _blocky_labels(img, K)
-        Qr = _pydensecrf_q(img, lab, K)
+        Qr = pydensecrf_q(img, lab, K)
         Qt = _torch_q(img, lab, K)
         agree = float((Qt.argmax(0) == Qr.argmax(0)).mean())
         agreements.append(agree)
@@ -196,7 +171,7 @@ def test_conv_gaussian_mode_agreement() -> None:
         im.resize((im.width // 2, im.height // 2), Image.BILINEAR)
     )  # keep the test fast
     lab = _blocky_labels(img, 8, block=8)
-    Qr = _pydensecrf_q(img, lab, 8)
+    Qr = pydensecrf_q(img, lab, 8)
     Qc = _torch_q(img, lab, 8, gaussian_mode="conv")
     agree = float((Qc.argmax(0) == Qr.argmax(0)).mean())
     print(f"gaussian_mode='conv': label agreement with pydensecrf {agree:.5f}")
@@ -289,7 +264,7 @@ def test_device_dtype(device: str, dtype: torch.dtype) -> None:
     U = unary_from_labels(torch.from_numpy(noisy)[None].to(device), 3).to(dtype)
     Q = dense_crf(timg, U)
     assert Q.dtype == dtype and Q.device.type == device
-    Qr = _pydensecrf_q(img, noisy, 3)
+    Qr = pydensecrf_q(img, noisy, 3)
     assert np.abs(Q[0].double().cpu().numpy() - Qr).max() < 1e-4
     # float image input in [0, 255] gives the same result as uint8
     Qf = dense_crf(timg.float(), U)
