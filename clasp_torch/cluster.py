@@ -2,13 +2,16 @@
 
 All K of every image's band, all images and all k-means restarts run as one batch of
 "problems". A problem ``p`` is one (image, K) pair; it clusters the ``n_b`` real patches of its
-image in the space of the first ``K`` eigenvectors into ``K`` clusters. Problems are stored
-padded: points ``(P, N, d)`` with a point mask, and ``K`` per problem (centres beyond ``K`` are
-masked out, coordinates beyond ``K`` are zero so they do not change any distance).
+image in the space of the first ``K`` eigenvectors into ``K`` clusters. Problems are not copied:
+they refer to their image's embedding ``(B, N, D)`` (a point mask marks the real patches) and to
+their number of coordinates. Each Lloyd step scores all active restarts of an image with one
+GEMM (centres beyond a restart's ``K`` are masked, coordinates beyond its ``K`` are zero) and
+moves only the points that changed cluster between float64 cluster sums. The silhouettes of all
+K of an image share one accumulation of squared distances, coordinate by coordinate.
 
-Randomness comes from a counter-based hash of ``(seed, K, restart, centre, trial)``, so the
-result of an image depends only on the seed and its own data: the same image gives the same
-labels alone or inside any batch, on any device.
+Randomness comes from a counter-based hash of ``(seed, K, restart, centre, trial)``, and ties
+within rounding go to the first index, so the result of an image depends only on the seed and
+its own data: the same image gives the same labels alone or inside any batch, on any device.
 """
 
 from __future__ import annotations
@@ -99,52 +102,99 @@ class KMeansResult:
     n_iter: int
 
 
-def _kmeanspp(x: Tensor, x2: Tensor, pmask: Tensor, n: Tensor, k: Tensor, n_init: int, seed: int) -> Tensor:
-    """Greedy k-means++ initialisation, batched over problems and restarts.
+def _group_table(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor, int]:
+    """Lay items out by group: ``(table (G, M) of item indices (-1 = empty slot), slot (A,), M)``.
 
-    Returns centres ``(P, I, C, d)``.
+    ``slot[a]`` is item ``a``'s position in ``table.view(-1)``; items keep their order inside a group.
     """
-    P, N, d = x.shape
+    A = group.numel()
+    dev = group.device
+    counts = torch.bincount(group, minlength=n_groups)
+    M = max(int(counts.max()), 1) if A else 1
+    order = torch.argsort(group, stable=True)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(A, device=dev) - starts[group[order]]
+    slot = torch.empty(A, dtype=torch.long, device=dev)
+    slot[order] = group[order] * M + rank
+    table = torch.full((n_groups * M,), -1, dtype=torch.long, device=dev)
+    table[slot] = torch.arange(A, device=dev)
+    return table.view(n_groups, M), slot, M
+
+
+def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tensor, n: Tensor, k: Tensor,
+              n_init: int, seed: int) -> Tensor:
+    """Greedy k-means++ initialisation of every restart of every problem.
+
+    Args:
+        xi: ``(B, N, D)`` image embeddings (zero on padded points); x2 ``(P, N)`` squared norms
+            in each problem's space; pmask ``(B, N)``; img ``(P,)`` image of each problem;
+            colmask ``(P, D)`` the problem's coordinates; n ``(P,)`` points; k ``(P,)`` clusters.
+
+    Returns:
+        centres ``(P, I, C, D)`` (zero beyond each problem's coordinates and clusters).
+
+    The distances of every candidate of all problems of an image come from one GEMM per image.
+    """
+    B, N, D = xi.shape
+    P = img.numel()
     C = int(k.max())
-    dev = x.device
+    dev, dt = xi.device, xi.dtype
     I = n_init
     # sklearn's 2 + log(K) local trials, per problem: with the batch's largest K instead, an
     # image's result would depend on the other images of its batch
     trials = 2 + int(math.log(max(C, 2)))
     trials_p = 2 + torch.log(k.clamp_min(2).double()).floor().long()  # (P,)
+    table, slot, M = _group_table(img, B)
+    S = B * M  # padded problem slots, grouped by image
     ar_i = torch.arange(I, device=dev).view(1, I)
     kk = k.view(P, 1)
+    zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    rows = xi.reshape(B * N, D)
+    base = (img * N).view(P, 1)
     # first centre: uniform among the real points
-    u0 = hash_uniform(seed, kk, ar_i, torch.zeros(1, 1, dtype=torch.long, device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev))
+    u0 = hash_uniform(seed, kk, ar_i, zero, zero)
     first = (u0 * n.view(P, 1).double()).long().clamp(max=N - 1)  # (P, I)
-    centres = torch.zeros(P, I, C, d, dtype=x.dtype, device=dev)
-    pts = x.gather(1, first.reshape(P, I, 1).expand(P, I, d))  # (P, I, d)
+    pts = rows[base + first] * colmask.view(P, 1, D).to(dt)  # (P, I, D)
+    centres = torch.zeros(P, I, C, D, dtype=dt, device=dev)
     centres[:, :, 0] = pts
-    fm = pmask.to(x.dtype).unsqueeze(1)  # (P, 1, N)
-    closest = ((x.unsqueeze(1) - pts.unsqueeze(2)) ** 2).sum(-1) * fm  # (P, I, N)
+    pm = pmask[img].to(dt).unsqueeze(1)  # (P, 1, N)
+    xT = xi.transpose(1, 2)
+    closest = (torch.baddbmm(_slots(x2.unsqueeze(1) + (pts * pts).sum(-1, keepdim=True), slot, S).view(B, M * I, N),
+                             _slots(pts, slot, S).view(B, M * I, D), xT, alpha=-2).view(S, I, N)[slot]
+               .clamp_min_(0) * pm)  # (P, I, N)
     ar_t = torch.arange(trials, device=dev).view(1, 1, trials)
     ar_q = torch.arange(P * I, device=dev)
-    xt = x.transpose(1, 2).contiguous()  # (P, d, N)
     for c in range(1, C):
         pot = closest.sum(-1, keepdim=True)  # (P, I, 1)
         u = hash_uniform(seed, kk.unsqueeze(-1), ar_i.unsqueeze(-1), torch.full((1, 1, 1), c, device=dev), ar_t)
         cum = closest.cumsum(-1)  # (P, I, N)
-        target = u.to(x.dtype) * pot  # (P, I, T)
+        target = u.to(dt) * pot  # (P, I, T)
         cand = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=N - 1)
         cand = torch.minimum(cand, (n.view(P, 1, 1) - 1))
-        cpts = x.gather(1, cand.reshape(P, I * trials, 1).expand(P, I * trials, d)).reshape(P, I, trials, d)
-        # distances of every point to every candidate, (x2 - 2 x·c) + c2 evaluated in place: (P, I, T, N)
-        cd = torch.bmm(cpts.view(P, I * trials, d), xt).view(P, I, trials, N)
-        cd.mul_(-2).add_(x2[:, None, None, :]).add_((cpts * cpts).sum(-1, keepdim=True)).clamp_min_(0)
-        # padded points keep closest = 0 (cd >= 0), so no mask is needed here
-        newc = torch.minimum(cd, closest.unsqueeze(2), out=cd)
+        cpts = rows[base.view(P, 1, 1) + cand] * colmask.view(P, 1, 1, D).to(dt)  # (P, I, T, D)
+        c2 = (cpts * cpts).sum(-1, keepdim=True)  # (P, I, T, 1)
+        # squared distances of every point to every candidate: (P, I, T, N)
+        cd = torch.baddbmm(_slots(c2, slot, S).view(B, M * I * trials, 1), _slots(cpts, slot, S).view(B, M * I * trials, D),
+                           xT, alpha=-2).view(S, I, trials, N)[slot]
+        cd.add_(x2[:, None, None, :])
+        # padded points keep closest = 0, so no mask is needed here
+        newc = torch.minimum(cd, closest.unsqueeze(2), out=cd).clamp_min_(0)
         pot_t = newc.sum(-1).masked_fill(ar_t >= trials_p.view(P, 1, 1), float("inf"))
-        best = pot_t.argmin(-1)  # (P, I)
+        # first trial within rounding of the best potential (ties never decided by rounding)
+        near = pot_t <= pot_t.amin(-1, keepdim=True) * (1 + TIE_RTOL[dt]) + 1e-300
+        best = near.to(torch.int8).argmax(-1)  # (P, I)
         closest = newc.view(P * I, trials, N)[ar_q, best.view(-1)].view(P, I, N)
-        chosen = cpts.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, d)).squeeze(2)
-        active = (c < k).view(P, 1, 1).to(x.dtype)
+        chosen = cpts.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, D)).squeeze(2)
+        active = (c < k).view(P, 1, 1).to(dt)
         centres[:, :, c] = chosen * active
     return centres
+
+
+def _slots(t: Tensor, slot: Tensor, S: int) -> Tensor:
+    """Scatter per-item rows ``t (A, ...)`` into ``S`` zero-initialised slots."""
+    out = t.new_zeros((S,) + tuple(t.shape[1:]))
+    out[slot] = t
+    return out
 
 
 def kmeans(
@@ -166,8 +216,8 @@ def kmeans(
         point_mask: ``(P, N)`` boolean, True on real points (real points first).
         n_init: restarts, run as a batch dimension; the lowest inertia wins.
         max_iter: maximum Lloyd iterations.
-        tol: convergence when the squared centre shift of every restart is at most
-            ``tol`` times the mean per-dimension variance of its problem (sklearn's rule).
+        tol: convergence when the squared centre shift of a restart is at most ``tol`` times
+            the mean per-coordinate variance of its problem (sklearn's rule).
         seed: seed of the counter-based random numbers.
         check_every: convergence is checked every this many iterations (fewer host syncs).
 
@@ -192,18 +242,8 @@ def kmeans(
     if point_mask.shape != (P, N):
         raise ValueError(f"point_mask must have shape {(P, N)}, got {tuple(point_mask.shape)}")
     point_mask = point_mask.to(device=dev, dtype=torch.bool)
-    k = torch.as_tensor(k, device=dev)
-    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
-        raise ValueError(f"k must hold integers, got dtype {k.dtype}")
-    k = k.long().view(-1)
-    if k.shape[0] != P:
-        raise ValueError(f"k must have one entry per problem ({P}), got {k.shape[0]}")
-    n_init = _check_int("n_init", n_init, 1)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    check_every = _check_int("check_every", check_every, 1)
-    seed = _check_int("seed", seed)
-    if not float(tol) >= 0.0:  # also rejects NaN
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    k = _check_k(k, P, dev)
+    n_init, max_iter, check_every, seed, tol = _check_settings(n_init, max_iter, check_every, seed, tol)
     n = point_mask.sum(-1)
     if bool((k < 1).any()) or bool((k > n).any()):
         raise ValueError("k must satisfy 1 <= k <= number of points for every problem")
@@ -212,144 +252,242 @@ def kmeans(
     if P == 0:
         return KMeansResult(labels=torch.full((0, N), -1, dtype=torch.long, device=dev),
                             centers=x.new_zeros(0, 0, d), inertia=x.new_zeros(0), n_iter=0)
-    C = int(k.max())
     x = x * point_mask.to(x.dtype).unsqueeze(-1)
-    # Size buckets: every problem of a bucket is padded only to the bucket's largest K (centres)
-    # and to its largest used dimension (trailing all-zero coordinates change no distance, no
-    # centre), instead of to the batch's largest. Results do not depend on the bucketing.
-    used = (x != 0).any(1)  # (P, d)
-    ar_d = torch.arange(1, d + 1, device=dev)
-    deff = (used.long() * ar_d).amax(-1).clamp_min(1)  # (P,) last used coordinate + 1
-    buckets = _size_buckets(k, deff, 2 if dev.type == "cuda" else 4)
-    if len(buckets) == 1:
-        de = int(deff.max())
-        lab, cen, inertia, n_iter = _kmeans_core(x[..., :de].contiguous(), k, point_mask, n, n_init, max_iter, tol, seed, check_every, d)
-        centers = cen if de == d else torch.nn.functional.pad(cen, (0, d - de))
-        return KMeansResult(labels=lab, centers=centers, inertia=inertia, n_iter=n_iter)
-    labels = torch.empty(P, N, dtype=torch.long, device=dev)
-    centers = x.new_zeros(P, C, d)
-    inertia = x.new_zeros(P)
-    n_iter = 0
-    for idx in buckets:
-        de = int(deff[idx].max())
-        lab, cen, ine, it = _kmeans_core(x[idx][..., :de].contiguous(), k[idx], point_mask[idx], n[idx], n_init, max_iter,
-                                         tol, seed, check_every, d)
-        labels[idx] = lab
-        centers[idx, : cen.shape[1], :de] = cen
-        inertia[idx] = ine
-        n_iter = max(n_iter, it)
-    return KMeansResult(labels=labels, centers=centers, inertia=inertia, n_iter=n_iter)
+    dims = torch.full((P,), d, dtype=torch.long, device=dev)
+    return _kmeans_images(x, point_mask, torch.arange(P, device=dev), dims, k, n_init, max_iter, tol, seed, check_every)
 
 
-def _size_buckets(k: Tensor, deff: Tensor, max_buckets: int) -> list[Tensor]:
-    """Split problems into at most ``max_buckets`` groups of contiguous K (sorted) that minimise
-    the padded work ``sum(count * max K * (max d + 2))``; a further group must save 10 %."""
-    order = torch.sort(k, stable=True).indices
-    kl = k[order].tolist()
-    dl = deff[order].tolist()
-    P = len(kl)
-    starts = [0] + [i for i in range(1, P) if kl[i] != kl[i - 1]]
-    ends = starts[1:] + [P]
-    G = len(starts)
-    if G == 1 or max_buckets <= 1:
-        return [order]
-
-    def cost(a: int, b: int) -> float:  # groups a .. b-1
-        lo, hi = starts[a], ends[b - 1]
-        return (hi - lo) * kl[hi - 1] * (max(dl[lo:hi]) + 2)
-
-    inf = float("inf")
-    best = [[inf] * (G + 1) for _ in range(max_buckets + 1)]
-    arg = [[0] * (G + 1) for _ in range(max_buckets + 1)]
-    best[0][0] = 0.0
-    for j in range(1, max_buckets + 1):
-        for b in range(1, G + 1):
-            for a in range(j - 1, b):
-                c = best[j - 1][a] + cost(a, b)
-                if c < best[j][b]:
-                    best[j][b], arg[j][b] = c, a
-    nb = 1
-    for j in range(2, min(max_buckets, G) + 1):
-        if best[j][G] < best[nb][G] - 0.1 * best[1][G]:
-            nb = j
-    cuts = []
-    b = G
-    for j in range(nb, 0, -1):
-        a = arg[j][b]
-        cuts.append((starts[a], ends[b - 1]))
-        b = a
-    return [order[lo:hi] for lo, hi in reversed(cuts)]
+def _check_k(k: Tensor, P: int, dev: torch.device) -> Tensor:
+    k = torch.as_tensor(k, device=dev)
+    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise ValueError(f"k must hold integers, got dtype {k.dtype}")
+    k = k.long().view(-1)
+    if k.shape[0] != P:
+        raise ValueError(f"k must have one entry per problem ({P}), got {k.shape[0]}")
+    return k
 
 
-def _kmeans_core(x: Tensor, k: Tensor, point_mask: Tensor, n: Tensor, n_init: int, max_iter: int, tol: float,
-                 seed: int, check_every: int, d_full: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Validated, masked problems (``x`` zero on padded points) → labels, centres, inertia, n_iter."""
-    P, N, d = x.shape
-    dev = x.device
-    C = int(k.max())
+def _check_settings(n_init: int, max_iter: int, check_every: int, seed: int, tol: float) -> tuple[int, int, int, int, float]:
+    n_init = _check_int("n_init", n_init, 1)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    check_every = _check_int("check_every", check_every, 1)
+    seed = _check_int("seed", seed)
+    if not float(tol) >= 0.0:  # also rejects NaN
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    return n_init, max_iter, check_every, seed, float(tol)
+
+
+def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tensor, n_init: int, max_iter: int,
+                   tol: float, seed: int, check_every: int) -> KMeansResult:
+    """k-means problems that live on shared images (validated inputs).
+
+    Problem ``p`` clusters the real points of image ``img[p]`` of ``xi (B, N, D)`` (zero on
+    padded points), in its first ``dims[p]`` coordinates, into ``k[p]`` clusters; ``n_init``
+    restarts each. Restart ``q = p * n_init + i``. Every Lloyd step computes the scores of all
+    active restarts of an image in one GEMM (no per-restart copy of the points), and moves only
+    the points that changed cluster between float64 cluster sums.
+    """
+    B, N, D = xi.shape
+    P = img.numel()
+    dev, dt = xi.device, xi.dtype
+    acc = torch.float64
     I = n_init
-    fm = point_mask.to(x.dtype)
-    x2 = (x * x).sum(-1)
-    cmask = torch.arange(C, device=dev).view(1, 1, C) < k.view(P, 1, 1)  # (P, 1, C)
-    # sklearn: tol scaled by the mean variance of the data
-    mean = (x.sum(1) / n.view(P, 1).to(x.dtype))
-    var = (((x - mean.unsqueeze(1)) ** 2) * fm.unsqueeze(-1)).sum(1) / n.view(P, 1).to(x.dtype)
-    tol_p = tol * var.sum(-1) / d_full  # (P,) mean over all d_full coordinates (trimmed ones are 0)
-
-    centres = _kmeanspp(x, x2, point_mask, n, k, I, seed).reshape(P * I, C, d)
-    # Restarts become independent problems q = p * I + i; converged ones leave the active set.
+    C = int(k.max())
     Q = P * I
-    xq = x.repeat_interleave(I, dim=0)  # (Q, N, d)
-    pmq = point_mask.repeat_interleave(I, dim=0)  # (Q, N)
-    cmq = cmask.squeeze(1).repeat_interleave(I, dim=0)  # (Q, C)
-    tolq = tol_p.repeat_interleave(I)
-    x2q = x2.repeat_interleave(I, dim=0)  # (Q, N)
-    # the active (not yet converged) restarts, kept compact: gathered only when the set shrinks
-    act = torch.arange(Q, device=dev)
-    xa, pa, ca, x2a, tola, cen = xq, pmq, cmq, x2q, tolq, centres.clone()
+    pm_img = pmask.to(dt)
+    n = pmask.sum(-1)[img]  # (P,)
+    colmask = torch.arange(D, device=dev).view(1, D) < dims.view(P, 1)  # (P, D)
+    # squared norm of every point in its problem's coordinates
+    cum2 = (xi * xi).cumsum(-1)  # (B, N, D)
+    x2 = cum2[img].gather(2, (dims - 1).view(P, 1, 1).expand(P, N, 1)).squeeze(2)  # (P, N)
+    # sklearn: tol scaled by the mean variance of the problem's coordinates (float64: the first
+    # eigenvector's large mean would cancel in float32)
+    s1 = (xi.to(acc) * pm_img.to(acc).unsqueeze(-1)).sum(1)  # (B, D)
+    s2 = (xi.to(acc) ** 2 * pm_img.to(acc).unsqueeze(-1)).sum(1)
+    nb = pmask.sum(-1).clamp_min(1).to(acc).view(B, 1)
+    var = (s2 / nb - (s1 / nb) ** 2).clamp_min(0)  # (B, D)
+    tol_p = (tol * (var[img] * colmask.to(acc)).sum(-1) / dims.to(acc)).to(dt)  # (P,)
+
+    centres = _kmeanspp(xi, x2, pmask, img, colmask, n, k, I, seed).reshape(Q, C, D)
+    q_img = img.repeat_interleave(I)  # (Q,)
+    q_k = k.repeat_interleave(I)
+    q_pm = pmask[q_img]  # (Q, N)
+    rows = xi.reshape(B * N, D)
+    xT = xi.transpose(1, 2)
+    x2_img = cum2[..., -1]  # (B, N), an upper bound of every problem's x2 (tie tolerance)
+    ar_c = torch.arange(C, device=dev)
+    # state of the active (not yet converged) restarts, kept compact: gathered only when the
+    # active set shrinks
+    qa = torch.arange(Q, device=dev)
+    img_a, k_a, pm_a = q_img, q_k, q_pm
+    col_a = colmask.repeat_interleave(I, dim=0).to(dt).unsqueeze(1)  # (A, 1, D)
+    tol_a = tol_p.repeat_interleave(I)
+    cen_a = centres.clone()
+    lab_a = torch.full((Q, N), -1, dtype=torch.long, device=dev)
+    sums_a = torch.zeros(Q, C, D, dtype=acc, device=dev)  # float64 cluster sums and counts
+    cnt_a = torch.zeros(Q, C, dtype=acc, device=dev)
+    bufs = _ScoreBuffers()
+    layout = None
+    Cm = Cm_prev = C
     it = 0
     for it in range(1, max_iter + 1):
-        A = act.numel()
-        lab, mind = _assign(xa, cen, ca)  # (A, N)
-        flat = torch.where(pa, lab + C * torch.arange(A, device=dev).view(A, 1), A * C)  # padded → dump
-        sums = torch.zeros(A * C + 1, d, dtype=x.dtype, device=dev)
-        if dev.type == "cpu":  # same serial order as index_add_ (identical sums), about 2x faster on CPU
-            sums.index_put_((flat.view(-1),), xa.reshape(-1, d), accumulate=True)
+        if layout is None:
+            layout = _Layout(img_a, B)
+            Cm = int(k_a.max())
+        # code = Cm - nearest centre index, as float: compared and stored without conversions
+        code, _ = _nearest_code(cen_a[:, :Cm], k_a, layout, xT, x2_img, bufs)  # (A, N)
+        if it == 1:
+            changed = pm_a
         else:
-            sums.index_add_(0, flat.view(-1), xa.reshape(-1, d))
-        counts = torch.bincount(flat.view(-1), minlength=A * C + 1)[: A * C].view(A, C)
-        new = sums[: A * C].view(A, C, d) / counts.clamp_min(1).unsqueeze(-1).to(x.dtype)
-        empty = (counts == 0) & ca
+            changed = (code != lab_a) & pm_a
+        fi = changed.view(-1).nonzero().squeeze(1)
+        ai = fi // N
+        xc = rows.index_select(0, img_a.index_select(0, ai) * N + fi % N).to(acc)
+        na = Cm - code.view(-1).index_select(0, fi).long()
+        one = torch.ones_like(na, dtype=acc)
+        sums_a.view(-1, D).index_add_(0, ai * C + na, xc)
+        cnt_a.view(-1).index_add_(0, ai * C + na, one)
+        if it > 1:
+            oa = Cm_prev - lab_a.view(-1).index_select(0, fi).long()
+            sums_a.view(-1, D).index_add_(0, ai * C + oa, xc, alpha=-1)
+            cnt_a.view(-1).index_add_(0, ai * C + oa, one, alpha=-1)
+        lab_a, Cm_prev = code, Cm
+        new = (sums_a / cnt_a.clamp_min(1).unsqueeze(-1)).to(dt) * col_a
+        empty = (cnt_a == 0) & (ar_c.view(1, C) < k_a.view(-1, 1))
         if bool(empty.any()):
-            # relocate empty clusters to the points farthest from their current centre (sklearn)
-            dist = (mind + x2a).masked_fill(~pa, -1.0)
-            far = dist.topk(C, dim=-1).indices  # (A, C)
-            rank = (empty.long().cumsum(-1) - 1).clamp_min(0)
-            pick = far.gather(-1, rank)
-            repl = xa.gather(1, pick.unsqueeze(-1).expand(A, C, d))
-            new = torch.where(empty.unsqueeze(-1), repl, new)
-        new = new * ca.unsqueeze(-1).to(x.dtype)
-        shift = ((new - cen) ** 2).sum((-1, -2))  # (A,)
-        cen = new
+            new = _relocate_empty(new, cen_a, empty, (Cm - lab_a).long(), img_a, col_a, pm_a, xi)
+        shift = ((new - cen_a) ** 2).sum((-1, -2))  # (A,)
+        cen_a = new
         if it % check_every == 0 or it == max_iter:
-            still = shift > tola
+            still = shift > tol_a
             if not bool(still.all()):
                 done = ~still
-                centres[act[done]] = cen[done]
+                centres[qa[done]] = cen_a[done]
                 if not bool(still.any()):
                     break
-                act, xa, pa, ca, x2a, tola, cen = (t[still] for t in (act, xa, pa, ca, x2a, tola, cen))
+                qa, img_a, k_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, cnt_a = (
+                    t[still] for t in (qa, img_a, k_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, cnt_a))
+                # labels are stored as codes relative to Cm: re-base them when Cm shrinks
+                Cm_new = int(k_a.max())
+                lab_a = lab_a - (Cm - Cm_new)
+                Cm = Cm_prev = Cm_new
+                layout = _Layout(img_a, B)
     else:
-        centres[act] = cen
-    lab, mind = _assign(xq, centres, cmq)
-    inertia = ((mind + x2q).clamp_min(0) * pmq.to(x.dtype)).sum(-1).view(P, I)
+        centres[qa] = cen_a
+    # final assignment with the final centres of every restart
+    code, mind = _nearest_code(centres, q_k, _Layout(q_img, B), xT, x2_img, bufs, with_min=True)
+    lab = C - code.long()
+    x2q = x2.repeat_interleave(I, dim=0)
+    inertia = ((mind + x2q).clamp_min(0) * q_pm.to(dt)).sum(-1).view(P, I)
     # lowest restart index among (numerically) equal inertias, so float noise never decides
-    near = inertia <= inertia.min(-1, keepdim=True).values * (1 + 1e-9) + 1e-300
+    near = inertia <= inertia.min(-1, keepdim=True).values * (1 + TIE_RTOL[dt]) + 1e-300
     best = near.to(torch.int8).argmax(-1)
     qb = torch.arange(P, device=dev) * I + best
-    labels, perm = canonical_labels(lab[qb], C, point_mask)
-    centers = centres[qb].gather(1, perm.unsqueeze(-1).expand(P, C, d))
-    return labels, centers, inertia.gather(1, best.view(P, 1)).squeeze(1), it
+    pm_p = pmask[img]
+    labels_b, perm = canonical_labels(lab[qb], C, pm_p)
+    centers = centres[qb].gather(1, perm.unsqueeze(-1).expand(P, C, D))
+    return KMeansResult(labels=labels_b, centers=centers, inertia=inertia.gather(1, best.view(P, 1)).squeeze(1), n_iter=it)
+
+
+def _relocate_empty(new: Tensor, cen: Tensor, empty: Tensor, lab: Tensor, img: Tensor, col: Tensor, pm: Tensor,
+                    xi: Tensor) -> Tensor:
+    """Move empty clusters to the points farthest from their current centre (sklearn's rule).
+
+    ``new``/``cen (A, C, D)``, ``empty (A, C)``, ``lab (A, N)``, ``img (A,)``, ``col (A, 1, D)``,
+    ``pm (A, N)``, ``xi (B, N, D)``.
+    """
+    A, C, D = new.shape
+    N = xi.shape[1]
+    ae = empty.any(1).nonzero().squeeze(1)
+    xe = xi[img[ae]] * col[ae]  # (E, N, D)
+    ce = cen[ae].gather(1, lab[ae].clamp_min(0).unsqueeze(-1).expand(-1, N, D))
+    dist = ((xe - ce) ** 2).sum(-1).masked_fill(~pm[ae], -1.0)
+    far = dist.topk(min(C, N), dim=-1).indices  # (E, C)
+    rank = (empty[ae].long().cumsum(-1) - 1).clamp_min(0)
+    repl = xe.gather(1, far.gather(-1, rank).unsqueeze(-1).expand(-1, far.shape[1], D))
+    new = new.clone()
+    new[ae] = torch.where(empty[ae].unsqueeze(-1), repl, new[ae])
+    return new
+
+
+class _ScoreBuffers:
+    """Reusable score and hit buffers of :func:`_nearest_code` (on the CPU, a fresh large
+    allocation at every Lloyd step costs page faults)."""
+
+    def __init__(self) -> None:
+        self.score: Tensor | None = None
+        self.hit: Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+        numel = math.prod(shape)
+        if self.score is None or self.hit is None or self.score.numel() < numel or self.score.dtype != like.dtype:
+            self.score = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self.hit = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return self.score[:numel].view(shape), self.hit[:numel].view(shape)
+
+
+class _Layout:
+    """Restarts laid out by image for the per-image GEMM (see :func:`_group_table`); ``identity``
+    when the layout is the restarts' own order (one image, or equal counts in image order)."""
+
+    def __init__(self, img: Tensor, n_images: int) -> None:
+        self.table, self.slot, self.M = _group_table(img, n_images)
+        self.B = n_images
+        A = img.numel()
+        self.identity = A == n_images * self.M and bool(
+            (self.slot == torch.arange(A, device=img.device)).all())
+
+
+def _nearest_code(cen: Tensor, k: Tensor, layout: _Layout, xT: Tensor, x2: Tensor, bufs: _ScoreBuffers,
+                  with_min: bool = False) -> tuple[Tensor, Tensor]:
+    """Nearest centre of every point, for restarts laid out by image.
+
+    ``cen (A, C, D)`` centres, ``k (A,)`` real centres per restart, ``xT (B, D, N)`` points,
+    ``x2 (B, N)`` their squared norms. One GEMM per image scores ``||c||² − 2 x·c`` for all its
+    restarts at once. Scores within rounding of the minimum (``TIE_RTOL (||x||² + max ||c||²)``)
+    count as ties and go to the first centre, so that exact ties (a point equidistant from two
+    centres, e.g. an all-zero feature row) never depend on rounding, hence on the batch.
+
+    Returns the float code ``C − index`` of the nearest centre ``(A, N)`` and, with
+    ``with_min``, the score at the minimum ``(A, N)``.
+    """
+    A, C, D = cen.shape
+    B, M = layout.B, layout.M
+    N = xT.shape[-1]
+    pad = torch.arange(C, device=cen.device).view(1, C) >= k.view(A, 1)
+    c2 = (cen * cen).sum(-1)
+    c2max = c2.masked_fill(pad, 0).amax(-1)  # (A,)
+    c2 = c2.masked_fill(pad, float("inf"))
+    if layout.identity:
+        c2s, cs = c2, cen
+    else:
+        c2s = torch.full((B * M, C), float("inf"), dtype=cen.dtype, device=cen.device)
+        c2s[layout.slot] = c2
+        cs = _slots(cen, layout.slot, B * M)
+        c2max = _slots(c2max, layout.slot, B * M)
+    score, hit = bufs.get((B, M * C, N), cen)
+    torch.baddbmm(c2s.reshape(B, M * C, 1), cs.reshape(B, M * C, D), xT, alpha=-2, out=score)
+    score = score.view(B * M, C, N)
+    # (on the CPU, min-with-index over a strided dim is ~20x slower than the value-only amin, and
+    # a comparison into bool ~5x slower than into float: float ops only)
+    mind = score.amin(1)  # (B*M, N)
+    tie = TIE_RTOL[cen.dtype] * (x2.view(B, 1, N) + c2max.view(B, M, 1))
+    hit = torch.le(score, (mind.view(B, M, N) + tie).view(B * M, 1, N), out=hit.view(B * M, C, N))
+    hit.mul_(torch.arange(C, 0, -1, dtype=score.dtype, device=score.device).view(1, C, 1))
+    code = hit.amax(1)
+    if not layout.identity:
+        code = code[layout.slot]
+        mind = mind[layout.slot] if with_min else mind
+    return code, mind
+
+
+#: relative tolerance under which two squared distances count as tied (see :func:`_nearest_code`)
+TIE_RTOL: dict[torch.dtype, float] = {
+    torch.float32: 32 * torch.finfo(torch.float32).eps,
+    torch.float64: 32 * torch.finfo(torch.float64).eps,
+    torch.float16: 32 * torch.finfo(torch.float16).eps,
+    torch.bfloat16: 32 * torch.finfo(torch.bfloat16).eps,
+}
 
 
 def canonical_labels(labels: Tensor, n_clusters: int, point_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -379,28 +517,6 @@ def canonical_labels(labels: Tensor, n_clusters: int, point_mask: Tensor) -> tup
     return new, perm
 
 
-def _assign(x: Tensor, centres: Tensor, cmask: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centre of each point: labels ``(Q, N)`` and ``||c||² − 2 x·c`` at the minimum.
-
-    ``x (Q, N, d)``, ``centres (Q, C, d)``, ``cmask (Q, C)``; masked centres never win. The
-    score is laid out ``(Q, C, N)`` (points contiguous), which is the faster GEMM and
-    reduction layout on both CPU and GPU.
-    """
-    c2 = (centres * centres).sum(-1).masked_fill(~cmask, float("inf"))  # (Q, C)
-    score = torch.baddbmm(c2.unsqueeze(2), centres, x.transpose(1, 2), alpha=-2)  # (Q, C, N)
-    C = score.shape[1]
-    if score.device.type != "cpu" or C >= 255:
-        mind, lab = score.min(1)
-        return lab, mind
-    # CPU: min-with-index over a strided dim is ~5x slower than the value-only amin; recover the
-    # index as the first centre attaining the minimum (the same tie rule as min), in uint8
-    mind = score.amin(1)  # (Q, N)
-    hit = (score == mind.unsqueeze(1)).view(torch.uint8)  # (Q, C, N)
-    hit.mul_(torch.arange(C, 0, -1, dtype=torch.uint8, device=score.device).view(1, C, 1))
-    lab = C - hit.amax(1).long()
-    return lab, mind
-
-
 def silhouette_samples(
     x: Tensor,
     labels: Tensor,
@@ -420,7 +536,7 @@ def silhouette_samples(
         labels: ``(P, N)`` int64 in ``[0, C)`` (``-1`` on padded points).
         n_clusters: ``C`` (default ``labels.max() + 1``).
         point_mask: ``(P, N)`` boolean.
-        max_block_elements: bound on the elements of each distance block ``(P, rows, N)``
+        max_block_elements: bound on the elements of each distance block ``(P, N, rows)``
             held at once, which bounds memory at ``O(max_block_elements)``.
 
     Returns:
@@ -432,58 +548,99 @@ def silhouette_samples(
         point_mask = labels >= 0
     point_mask = point_mask.to(device=dev, dtype=torch.bool)
     C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
-    C = max(C, 1)
     if P == 0 or N == 0:
         return x.new_zeros(P, N)
-    # size buckets as in kmeans: a problem's cost is N² (d + C), padded to its bucket's largest
-    # number of clusters and used dimension instead of the batch's
-    fmx = point_mask.to(x.dtype).unsqueeze(-1)
-    used = ((x * fmx) != 0).any(1)  # (P, d)
-    deff = (used.long() * torch.arange(1, d + 1, device=dev)).amax(-1).clamp_min(1)
-    cp = (labels.masked_fill(~point_mask, 0).amax(-1) + 1).clamp(1, C)
-    buckets = _size_buckets(cp, deff, 2 if dev.type == "cuda" else 4)
-    if len(buckets) == 1:
-        de = int(deff.max())
-        return _silhouette_core(x[..., :de], labels, C, point_mask, max_block_elements)
-    out = x.new_zeros(P, N)
-    for idx in buckets:
-        de = int(deff[idx].max())
-        out[idx] = _silhouette_core(x[idx][..., :de], labels[idx], int(cp[idx].max()), point_mask[idx], max_block_elements)
-    return out
+    x = x * point_mask.to(x.dtype).unsqueeze(-1)
+    dims = torch.full((P,), d, dtype=torch.long, device=dev)
+    return _silhouette_images(x, point_mask, torch.arange(P, device=dev), dims, labels, max(C, 1), max_block_elements)
 
 
-def _silhouette_core(x: Tensor, labels: Tensor, C: int, point_mask: Tensor, max_block_elements: int) -> Tensor:
-    P, N, d = x.shape
-    dev = x.device
-    fm = point_mask.to(x.dtype)
+def _silhouette_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, labels: Tensor, C: int,
+                       max_block_elements: int) -> Tensor:
+    """Per-point silhouettes of problems that live on shared images.
+
+    Problem ``p`` has labels ``labels[p] (N,)`` for the points of image ``img[p]`` of ``xi (B, N, D)``
+    (zero on padded points), in its first ``dims[p]`` coordinates. The squared distances of an
+    image are accumulated coordinate by coordinate from exact differences (``(u_i − u_j)²``, no
+    cancellation, an exactly zero diagonal), and each problem is evaluated when its number of
+    coordinates is reached, so every K of an image's band shares one distance accumulation. The
+    per-cluster distance sums use the symmetry of the distance block: an ``index_add`` over its
+    rows instead of a GEMM with one-hot labels. Blocks are ``(images, N, rows)``, with at most
+    ``max_block_elements`` elements.
+
+    Returns:
+        ``(P, N)`` silhouettes (0 on padded points).
+    """
+    B, N, D = xi.shape
+    P = img.numel()
+    dev, dt = xi.device, xi.dtype
+    out = torch.zeros(P, N, dtype=dt, device=dev)
+    pm_p = pmask[img] & (labels >= 0)
     lab = labels.clamp_min(0)
-    onehot = torch.nn.functional.one_hot(lab, C).to(x.dtype) * fm.unsqueeze(-1)  # (P, N, C)
-    counts = onehot.sum(1)  # (P, C)
-    # centring reduces cancellation in the ||x||² + ||y||² − 2xy expansion
-    mean = (x * fm.unsqueeze(-1)).sum(1, keepdim=True) / fm.sum(1).clamp_min(1).view(P, 1, 1)
-    xc = (x - mean) * fm.unsqueeze(-1)
-    rows = max(1, min(N, max_block_elements // max(1, P * N)))
-    out = torch.zeros(P, N, dtype=x.dtype, device=dev)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        # one GEMM on augmented rows [-2x, |x|², 1]·[y, 1, |y|²] (cdist's matmul path) instead of
-        # materialising the expanded |y|² term; clamp at 0 then sqrt, as before
-        dist = torch.cdist(xc[:, r0:r1], xc, compute_mode="use_mm_for_euclid_dist")  # (P, R, N)
-        # the diagonal must be exactly zero
-        ar = torch.arange(r0, r1, device=dev)
-        dist[:, ar - r0, ar] = 0
-        sums = dist @ onehot  # (P, R, C)
-        own = lab[:, r0:r1]
-        own_cnt = counts.gather(1, own)  # (P, R)
-        a = sums.gather(2, own.unsqueeze(-1)).squeeze(-1) / (own_cnt - 1).clamp_min(1)
-        mean_other = sums / counts.clamp_min(1).unsqueeze(1)
-        excl = (counts.unsqueeze(1) == 0) | torch.nn.functional.one_hot(own, C).bool()
-        b = mean_other.masked_fill(excl, float("inf")).min(-1).values
-        den = torch.maximum(a, b)
-        s = torch.where(den > 0, (b - a) / den.clamp_min(1e-300), torch.zeros_like(a))
-        s = torch.where(torch.isfinite(b) & (own_cnt > 1), s, torch.zeros_like(s))
-        out[:, r0:r1] = s * fm[:, r0:r1]
+    counts = torch.zeros(P, C, dtype=dt, device=dev).scatter_add_(1, lab, pm_p.to(dt))
+    fm = pmask.to(dt).unsqueeze(-1)
+    # centring changes no distance and keeps the coordinates small
+    xc = (xi - (xi * fm).sum(1, keepdim=True) / fm.sum(1, keepdim=True).clamp_min(1)) * fm  # (B, N, D)
+    steps = sorted(set(dims.tolist()))
+    R = max(1, min(N, max_block_elements // N))  # rows per block
+    nb = max(1, min(B, max_block_elements // (N * R)))  # images per block
+    ar_p = torch.arange(P, device=dev)
+    for b0 in range(0, B, nb):  # memory-bounding blocks, not a per-image loop
+        b1 = min(B, b0 + nb)
+        in_chunk = (img >= b0) & (img < b1)
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            d2 = torch.zeros(b1 - b0, N, r1 - r0, dtype=dt, device=dev)
+            diff = torch.empty_like(d2)
+            prev = 0
+            for K in steps:
+                _accumulate_d2(d2, diff, xc[b0:b1], prev, K, r0, r1)
+                prev = K
+                sel = ar_p[in_chunk & (dims == K)]
+                if sel.numel() == 0:
+                    continue
+                out[sel, r0:r1] = _silhouette_block(d2, img[sel] - b0, lab[sel], counts[sel], pm_p[sel], C, r0, r1)
     return out
+
+
+def _accumulate_d2(d2: Tensor, diff: Tensor, xc: Tensor, j0: int, j1: int, r0: int, r1: int) -> None:
+    """``d2 (b, N, R) += `` squared distances over coordinates ``j0 .. j1 − 1`` between all points
+    and the points ``r0 .. r1 − 1`` (exact differences, one coordinate at a time for few
+    coordinates; a GEMM for many, with the diagonal reset to 0)."""
+    if j1 - j0 <= 8:
+        for j in range(j0, j1):
+            u = xc[:, :, j]
+            torch.sub(u.unsqueeze(2), u[:, r0:r1].unsqueeze(1), out=diff)
+            d2.addcmul_(diff, diff)
+        return
+    part = torch.cdist(xc[:, :, j0:j1], xc[:, r0:r1, j0:j1], compute_mode="use_mm_for_euclid_dist")
+    d2.addcmul_(part, part)
+    ar = torch.arange(r0, r1, device=d2.device)
+    d2[:, ar, ar - r0] = d2[:, ar, ar - r0] - part[:, ar, ar - r0] ** 2
+
+
+def _silhouette_block(d2: Tensor, bsel: Tensor, lab: Tensor, counts: Tensor, pm: Tensor, C: int, r0: int,
+                      r1: int) -> Tensor:
+    """Silhouettes of points ``r0 .. r1 − 1`` for problems on images ``bsel`` of the block ``d2``."""
+    np_, N = lab.shape
+    R = r1 - r0
+    dist = d2.sqrt() if bsel.numel() == d2.shape[0] and bool((bsel == torch.arange(np_, device=d2.device)).all()) \
+        else d2.index_select(0, bsel).sqrt_()  # (np, N, R)
+    # per-cluster sums over all points j of dist(j, r): rows of the block added by label
+    # padded points go to an extra dump cluster C
+    idx = (torch.where(pm, lab, C) + (C + 1) * torch.arange(np_, device=lab.device).view(np_, 1)).view(-1)
+    sums = torch.zeros(np_ * (C + 1), R, dtype=d2.dtype, device=d2.device).index_add_(0, idx, dist.view(np_ * N, R))
+    sums = sums.view(np_, C + 1, R)[:, :C]
+    own = lab[:, r0:r1]  # (np, R)
+    own_cnt = counts.gather(1, own)
+    a = sums.gather(1, own.unsqueeze(1)).squeeze(1) / (own_cnt - 1).clamp_min(1)
+    mean_other = sums / counts.clamp_min(1).unsqueeze(-1)
+    excl = (counts.unsqueeze(-1) == 0) | (torch.arange(C, device=lab.device).view(1, C, 1) == own.unsqueeze(1))
+    b = mean_other.masked_fill(excl, float("inf")).amin(1)
+    den = torch.maximum(a, b)
+    s = torch.where(den > 0, (b - a) / den.clamp_min(1e-300), torch.zeros_like(a))
+    s = torch.where(torch.isfinite(b) & (own_cnt > 1), s, torch.zeros_like(s))
+    return s * pm[:, r0:r1].to(s.dtype)
 
 
 def silhouette_score(
@@ -511,9 +668,14 @@ def silhouette_score(
     if point_mask is None:
         point_mask = labels >= 0
     s = silhouette_samples(x, labels, n_clusters, point_mask, max_block_elements=max_block_elements)
+    C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
+    return _mean_silhouette(s, labels, C, point_mask)
+
+
+def _mean_silhouette(s: Tensor, labels: Tensor, C: int, point_mask: Tensor) -> Tensor:
+    """Mean of per-point silhouettes ``s (P, N)``; NaN with fewer than 2 or with n clusters."""
     n = point_mask.sum(-1).clamp_min(1)
     score = s.sum(-1) / n.to(s.dtype)
-    C = int(labels.max()) + 1 if n_clusters is None else int(n_clusters)
     # count members per cluster (scatter_add: padded points, clamped to label 0, add nothing;
     # a plain scatter_ of the mask would let them overwrite cluster 0's flag)
     counts = torch.zeros(labels.shape[0], max(C, 1), dtype=torch.long, device=labels.device)
@@ -602,9 +764,7 @@ def select_k(
         raise ValueError(f"k_lo must be >= 1 wherever the band is non-empty, got {k_lo.tolist()}")
     if bool((band & (k_hi > n)).any()):
         raise ValueError(f"k_hi must not exceed the number of real points n = {n.tolist()}, got {k_hi.tolist()}")
-    n_init = _check_int("n_init", n_init, 1)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    seed = _check_int("seed", seed)
+    n_init, max_iter, _, seed, tol = _check_settings(n_init, max_iter, 1, seed, tol)
     if max_problems is not None:
         max_problems = _check_int("max_problems", max_problems, 1)
     kmin_all = int(k_lo.min()) if B else 2
@@ -621,7 +781,7 @@ def select_k(
     kp = k_values[kc_idx]
     P = b_idx.numel()
     D = min(M, kmax_all)
-    emb = embedding[..., :D].to(dtype)
+    emb = embedding[..., :D].to(dtype) * mask.to(dtype).unsqueeze(-1)
     scores = torch.full((B, Kc), float("nan"), dtype=dtype, device=dev)
     if P == 0:  # every band is empty: one segment per image
         return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev), k_values, scores)
@@ -630,12 +790,11 @@ def select_k(
     for s0 in range(0, P, step):  # memory-bounding chunks, not a per-image loop
         sl = slice(s0, min(P, s0 + step))
         bi, kk = b_idx[sl], kp[sl]
-        x = emb[bi]  # (p, N, D)
-        colmask = torch.arange(D, device=dev).view(1, 1, D) < kk.view(-1, 1, 1)
-        x = x * colmask.to(dtype)
-        pm = mask[bi]
-        res = kmeans(x, kk, pm, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
-        sc = silhouette_score(x, res.labels, int(kk.max()), pm, max_block_elements=max_block_elements)
+        dims = kk.clamp(max=D)  # K clusters in the first K eigenvectors (all of them when fewer)
+        res = _kmeans_images(emb, mask, bi, dims, kk, n_init, max_iter, tol, seed, 1)
+        C = int(kk.max())
+        s = _silhouette_images(emb, mask, bi, dims, res.labels, C, max_block_elements)
+        sc = _mean_silhouette(s, res.labels, C, mask[bi])
         scores[bi, kc_idx[sl]] = sc
         all_labels[sl] = res.labels
     best_kc = best_in_band(scores)
