@@ -119,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads, and (threadpoolctl) numpy/sklearn threads of the reference")
     args = ap.parse_args(argv)
-    c = compare(args.root, args.dataset, args.backbone, args.limit)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(args.threads):
+            c = compare(args.root, args.dataset, args.backbone, args.limit, threads=args.threads)
+    else:
+        c = compare(args.root, args.dataset, args.backbone, args.limit)
     print(f"\n{args.dataset}: {c.n_images} images, backbone {args.backbone}, patch variant")
     print("| implementation | mIoU | pixel acc. | mean K |")
     print("| --- | --- | --- | --- |")

@@ -144,50 +144,66 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     # image's result would depend on the other images of its batch
     trials = 2 + int(math.log(max(C, 2)))
     trials_p = 2 + torch.log(k.clamp_min(2).double()).floor().long()  # (P,)
-    table, slot, M = _group_table(img, B)
-    S = B * M  # padded problem slots, grouped by image
+    # every per-problem tensor goes to padded slots grouped by image (S = B * M), where one GEMM
+    # per image serves all its problems; padding slots have k = n = 1 and are dropped at the end
+    layout = _Layout(img, B)
+    M, slot = layout.M, layout.slot
+    S = B * M
+    if layout.identity:
+        img_s, k_s, n_s, col_s, x2_s = img, k, n, colmask, x2
+    else:
+        img_s = torch.arange(S, device=dev) // M
+        k_s = _slots(k, slot, S).clamp_min(1)
+        n_s = _slots(n, slot, S).clamp_min(1)
+        col_s = _slots(colmask, slot, S)
+        x2_s = _slots(x2, slot, S)
+    trials_s = 2 + torch.log(k_s.clamp_min(2).double()).floor().long()  # (S,)
     ar_i = torch.arange(I, device=dev).view(1, I)
-    kk = k.view(P, 1)
+    kk = k_s.view(S, 1)
     zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
     rows = xi.reshape(B * N, D)
-    base = (img * N).view(P, 1)
+    base = (img_s * N).view(S, 1)
+    colf = col_s.view(S, 1, D).to(dt)
     # first centre: uniform among the real points
     u0 = hash_uniform(seed, kk, ar_i, zero, zero)
-    first = (u0 * n.view(P, 1).double()).long().clamp(max=N - 1)  # (P, I)
-    pts = rows[base + first] * colmask.view(P, 1, D).to(dt)  # (P, I, D)
-    centres = torch.zeros(P, I, C, D, dtype=dt, device=dev)
+    first = (u0 * n_s.view(S, 1).double()).long().clamp(max=N - 1)  # (S, I)
+    pts = rows[base + first] * colf  # (S, I, D)
+    centres = torch.zeros(S, I, C, D, dtype=dt, device=dev)
     centres[:, :, 0] = pts
-    pm = pmask[img].to(dt).unsqueeze(1)  # (P, 1, N)
+    pm = pmask[img_s].to(dt).unsqueeze(1)  # (S, 1, N)
     xT = xi.transpose(1, 2)
-    closest = (torch.baddbmm(_slots(x2.unsqueeze(1) + (pts * pts).sum(-1, keepdim=True), slot, S).view(B, M * I, N),
-                             _slots(pts, slot, S).view(B, M * I, D), xT, alpha=-2).view(S, I, N)[slot]
-               .clamp_min_(0) * pm)  # (P, I, N)
+    # Distances live in "score space", d² − ||x||² = ||c||² − 2 x·c: one GEMM with the ||c||² bias
+    # and no pass to add ||x||², which is constant over the candidates of a point (so it changes
+    # no choice). Padded points have x = 0, hence score-space closest = 0 = their true distance.
+    x2f = x2_s.unsqueeze(1)  # (S, 1, N)
+    closest = torch.baddbmm((pts * pts).sum(-1, keepdim=True).expand(S, I, 1).reshape(B, M * I, 1),
+                            pts.view(B, M * I, D), xT, alpha=-2).view(S, I, N) * pm  # (S, I, N), score space
     ar_t = torch.arange(trials, device=dev).view(1, 1, trials)
-    ar_q = torch.arange(P * I, device=dev)
+    ar_q = torch.arange(S * I, device=dev)
     for c in range(1, C):
-        pot = closest.sum(-1, keepdim=True)  # (P, I, 1)
+        dist = (closest + x2f).clamp_min_(0)  # true squared distances (S, I, N)
+        pot = dist.sum(-1, keepdim=True)  # (S, I, 1)
         u = hash_uniform(seed, kk.unsqueeze(-1), ar_i.unsqueeze(-1), torch.full((1, 1, 1), c, device=dev), ar_t)
-        cum = closest.cumsum(-1)  # (P, I, N)
-        target = u.to(dt) * pot  # (P, I, T)
-        cand = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=N - 1)
-        cand = torch.minimum(cand, (n.view(P, 1, 1) - 1))
-        cpts = rows[base.view(P, 1, 1) + cand] * colmask.view(P, 1, 1, D).to(dt)  # (P, I, T, D)
-        c2 = (cpts * cpts).sum(-1, keepdim=True)  # (P, I, T, 1)
-        # squared distances of every point to every candidate: (P, I, T, N)
-        cd = torch.baddbmm(_slots(c2, slot, S).view(B, M * I * trials, 1), _slots(cpts, slot, S).view(B, M * I * trials, D),
-                           xT, alpha=-2).view(S, I, trials, N)[slot]
-        cd.add_(x2[:, None, None, :])
-        # padded points keep closest = 0, so no mask is needed here
-        newc = torch.minimum(cd, closest.unsqueeze(2), out=cd).clamp_min_(0)
-        pot_t = newc.sum(-1).masked_fill(ar_t >= trials_p.view(P, 1, 1), float("inf"))
+        cum = dist.cumsum(-1)  # (S, I, N)
+        target = u.to(dt) * pot  # (S, I, T)
+        cand = torch.searchsorted(cum, target).clamp(max=N - 1)
+        cand = torch.minimum(cand, (n_s.view(S, 1, 1) - 1))
+        cpts = rows[base.view(S, 1, 1) + cand] * colf.unsqueeze(1)  # (S, I, T, D)
+        c2 = (cpts * cpts).sum(-1, keepdim=True)  # (S, I, T, 1)
+        # squared distances of every point to every candidate: (S, I, T, N)
+        cd = torch.baddbmm(c2.view(B, M * I * trials, 1), cpts.view(B, M * I * trials, D), xT,
+                           alpha=-2).view(S, I, trials, N)
+        newc = torch.minimum(cd, closest.unsqueeze(2), out=cd)
+        # potential of each trial, up to the constant sum of ||x||² (padded points add 0)
+        pot_t = newc.sum(-1).masked_fill(ar_t >= trials_s.view(S, 1, 1), float("inf"))
         # first trial within rounding of the best potential (ties never decided by rounding)
-        near = pot_t <= pot_t.amin(-1, keepdim=True) * (1 + TIE_RTOL[dt]) + 1e-300
-        best = near.to(torch.int8).argmax(-1)  # (P, I)
-        closest = newc.view(P * I, trials, N)[ar_q, best.view(-1)].view(P, I, N)
-        chosen = cpts.gather(2, best.view(P, I, 1, 1).expand(P, I, 1, D)).squeeze(2)
-        active = (c < k).view(P, 1, 1).to(dt)
+        near = pot_t <= pot_t.amin(-1, keepdim=True) + TIE_RTOL[dt] * (pot + x2f.sum(-1, keepdim=True))
+        best = near.to(torch.int8).argmax(-1)  # (S, I)
+        closest = newc.view(S * I, trials, N)[ar_q, best.view(-1)].view(S, I, N)
+        chosen = cpts.gather(2, best.view(S, I, 1, 1).expand(S, I, 1, D)).squeeze(2)
+        active = (c < k_s).view(S, 1, 1).to(dt)
         centres[:, :, c] = chosen * active
-    return centres
+    return centres if layout.identity else centres[slot]
 
 
 def _slots(t: Tensor, slot: Tensor, S: int) -> Tensor:
@@ -309,53 +325,49 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     tol_p = (tol * (var[img] * colmask.to(acc)).sum(-1) / dims.to(acc)).to(dt)  # (P,)
 
     centres = _kmeanspp(xi, x2, pmask, img, colmask, n, k, I, seed).reshape(Q, C, D)
-    q_img = img.repeat_interleave(I)  # (Q,)
-    q_k = k.repeat_interleave(I)
-    q_pm = pmask[q_img]  # (Q, N)
+    # restarts sorted by K, so that groups of similar K are contiguous slices (see _KGroups)
+    qa = torch.sort(k.repeat_interleave(I), stable=True).indices  # restart ids, in K order
+    q_img = img.repeat_interleave(I)
     rows = xi.reshape(B * N, D)
     xT = xi.transpose(1, 2)
-    x2_img = cum2[..., -1]  # (B, N), an upper bound of every problem's x2 (tie tolerance)
+    # tie tolerance of each point: rounding of ||x||² + ||c||² (the full-D ||x||² >= each problem's)
+    x2_img = cum2[..., -1]  # (B, N)
+    tie = (TIE_RTOL[dt] * x2_img).unsqueeze(1), torch.tensor(TIE_RTOL[dt], dtype=dt, device=dev)
+    # float64 rows with a trailing 1: one index_add moves a point's coordinates and count
+    rows1 = torch.cat([rows.to(acc), torch.ones(B * N, 1, dtype=acc, device=dev)], 1)  # (B*N, D+1)
     ar_c = torch.arange(C, device=dev)
     # state of the active (not yet converged) restarts, kept compact: gathered only when the
     # active set shrinks
-    qa = torch.arange(Q, device=dev)
-    img_a, k_a, pm_a = q_img, q_k, q_pm
-    col_a = colmask.repeat_interleave(I, dim=0).to(dt).unsqueeze(1)  # (A, 1, D)
-    tol_a = tol_p.repeat_interleave(I)
-    cen_a = centres.clone()
-    lab_a = torch.full((Q, N), -1, dtype=torch.long, device=dev)
-    sums_a = torch.zeros(Q, C, D, dtype=acc, device=dev)  # float64 cluster sums and counts
-    cnt_a = torch.zeros(Q, C, dtype=acc, device=dev)
+    img_a = q_img[qa]
+    k_a = k.repeat_interleave(I)[qa]
+    dims_a = dims.repeat_interleave(I)[qa]
+    pm_a = pmask[img_a]  # (A, N)
+    col_a = colmask.repeat_interleave(I, dim=0)[qa].to(dt).unsqueeze(1)  # (A, 1, D)
+    tol_a = tol_p.repeat_interleave(I)[qa]
+    cen_a = centres[qa]
+    lab_a = torch.full((Q, N), -1.0, dtype=dt, device=dev)  # nearest centre, as float
+    sums_a = torch.zeros(Q, C, D + 1, dtype=acc, device=dev)  # float64 cluster sums, then counts
     bufs = _ScoreBuffers()
-    layout = None
-    Cm = Cm_prev = C
+    groups = None
     it = 0
     for it in range(1, max_iter + 1):
-        if layout is None:
-            layout = _Layout(img_a, B)
-            Cm = int(k_a.max())
-        # code = Cm - nearest centre index, as float: compared and stored without conversions
-        code, _ = _nearest_code(cen_a[:, :Cm], k_a, layout, xT, x2_img, bufs)  # (A, N)
-        if it == 1:
-            changed = pm_a
-        else:
-            changed = (code != lab_a) & pm_a
+        if groups is None:
+            groups = _KGroups(k_a, dims_a, img_a, B, N)
+        new_lab = groups.nearest(cen_a, xT, tie, bufs)  # (A, N) float
+        changed = pm_a if it == 1 else (new_lab != lab_a) & pm_a
         fi = changed.view(-1).nonzero().squeeze(1)
         ai = fi // N
-        xc = rows.index_select(0, img_a.index_select(0, ai) * N + fi % N).to(acc)
-        na = Cm - code.view(-1).index_select(0, fi).long()
-        one = torch.ones_like(na, dtype=acc)
-        sums_a.view(-1, D).index_add_(0, ai * C + na, xc)
-        cnt_a.view(-1).index_add_(0, ai * C + na, one)
+        xc = rows1.index_select(0, img_a.index_select(0, ai) * N + fi % N)
+        aic = ai * C
+        sums_a.view(-1, D + 1).index_add_(0, aic + new_lab.view(-1).index_select(0, fi).long(), xc)
         if it > 1:
-            oa = Cm_prev - lab_a.view(-1).index_select(0, fi).long()
-            sums_a.view(-1, D).index_add_(0, ai * C + oa, xc, alpha=-1)
-            cnt_a.view(-1).index_add_(0, ai * C + oa, one, alpha=-1)
-        lab_a, Cm_prev = code, Cm
-        new = (sums_a / cnt_a.clamp_min(1).unsqueeze(-1)).to(dt) * col_a
+            sums_a.view(-1, D + 1).index_add_(0, aic + lab_a.view(-1).index_select(0, fi).long(), xc, alpha=-1)
+        lab_a = new_lab
+        cnt_a = sums_a[..., D]
+        new = (sums_a[..., :D] / cnt_a.clamp_min(1).unsqueeze(-1)).to(dt) * col_a
         empty = (cnt_a == 0) & (ar_c.view(1, C) < k_a.view(-1, 1))
         if bool(empty.any()):
-            new = _relocate_empty(new, cen_a, empty, (Cm - lab_a).long(), img_a, col_a, pm_a, xi)
+            new = _relocate_empty(new, cen_a, empty, lab_a.long(), img_a, col_a, pm_a, xi)
         shift = ((new - cen_a) ** 2).sum((-1, -2))  # (A,)
         cen_a = new
         if it % check_every == 0 or it == max_iter:
@@ -365,19 +377,19 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
                 centres[qa[done]] = cen_a[done]
                 if not bool(still.any()):
                     break
-                qa, img_a, k_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, cnt_a = (
-                    t[still] for t in (qa, img_a, k_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, cnt_a))
-                # labels are stored as codes relative to Cm: re-base them when Cm shrinks
-                Cm_new = int(k_a.max())
-                lab_a = lab_a - (Cm - Cm_new)
-                Cm = Cm_prev = Cm_new
-                layout = _Layout(img_a, B)
+                qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a = (
+                    t[still] for t in (qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a))
+                groups = None
     else:
         centres[qa] = cen_a
-    # final assignment with the final centres of every restart
-    code, mind = _nearest_code(centres, q_k, _Layout(q_img, B), xT, x2_img, bufs, with_min=True)
-    lab = C - code.long()
+    # final assignment with the final centres of every restart (in K order, then back)
+    qs = torch.sort(k.repeat_interleave(I), stable=True).indices
+    lab_s, mind_s = _KGroups(k.repeat_interleave(I)[qs], dims.repeat_interleave(I)[qs], q_img[qs], B, N).nearest(
+        centres[qs], xT, tie, bufs, with_min=True)
+    lab = torch.empty_like(lab_s).index_copy_(0, qs, lab_s).long()
+    mind = torch.empty_like(mind_s).index_copy_(0, qs, mind_s)
     x2q = x2.repeat_interleave(I, dim=0)
+    q_pm = pmask[q_img]
     inertia = ((mind + x2q).clamp_min(0) * q_pm.to(dt)).sum(-1).view(P, I)
     # lowest restart index among (numerically) equal inertias, so float noise never decides
     near = inertia <= inertia.min(-1, keepdim=True).values * (1 + TIE_RTOL[dt]) + 1e-300
@@ -387,6 +399,64 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     labels_b, perm = canonical_labels(lab[qb], C, pm_p)
     centers = centres[qb].gather(1, perm.unsqueeze(-1).expand(P, C, D))
     return KMeansResult(labels=labels_b, centers=centers, inertia=inertia.gather(1, best.view(P, 1)).squeeze(1), n_iter=it)
+
+
+class _KGroups:
+    """Restarts sorted by K, cut into contiguous groups of similar K.
+
+    Each group is scored on its own (one GEMM per image and group), padded only to the group's
+    largest K (centres) and number of coordinates, instead of the batch's. The cut minimises
+    the padded work ``sum(A_g * Cm_g * (D_g + 8))`` plus a fixed cost per group (the work of
+    about 3 restarts of K = 10 on this image size, i.e. the launch overhead of a group's ops).
+    Results do not depend on the cut.
+    """
+
+    def __init__(self, k: Tensor, dims: Tensor, img: Tensor, n_images: int, n_points: int,
+                 max_groups: int = 3) -> None:
+        kl, dl = k.tolist(), dims.tolist()
+        A = len(kl)
+        starts = [0] + [i for i in range(1, A) if kl[i] != kl[i - 1]]
+        ends = starts[1:] + [A]
+        G = len(starts)
+        dmax = [max(dl[s:e]) for s, e in zip(starts, ends)]
+        fixed = 3 * 10 * 18 * max(1, 1500 // max(n_points, 1))
+
+        def cost(a: int, b: int) -> float:  # distinct-K runs a .. b-1
+            return (ends[b - 1] - starts[a]) * kl[ends[b - 1] - 1] * (max(dmax[a:b]) + 8) + fixed
+
+        inf = float("inf")
+        best = [[inf] * (G + 1) for _ in range(max_groups + 1)]
+        arg = [[0] * (G + 1) for _ in range(max_groups + 1)]
+        best[0][0] = 0.0
+        for j in range(1, max_groups + 1):
+            for b in range(1, G + 1):
+                for a in range(j - 1, b):
+                    c = best[j - 1][a] + cost(a, b)
+                    if c < best[j][b]:
+                        best[j][b], arg[j][b] = c, a
+        ng = min(range(1, min(max_groups, G) + 1), key=lambda j: best[j][G])
+        cuts = []
+        b = G
+        for j in range(ng, 0, -1):
+            a = arg[j][b]
+            cuts.append((starts[a], ends[b - 1], kl[ends[b - 1] - 1], max(dmax[a:b])))
+            b = a
+        ar = torch.arange(max(kl) if kl else 1, device=k.device)
+        self.groups = [(s, e, cm, dg, _Layout(img[s:e], n_images), ar[:cm].view(1, cm) >= k[s:e].view(-1, 1))
+                       for s, e, cm, dg in reversed(cuts)]
+
+    def nearest(self, cen: Tensor, xT: Tensor, tie: tuple[Tensor, Tensor], bufs: _ScoreBuffers,
+                with_min: bool = False) -> tuple[Tensor, Tensor] | Tensor:
+        """Index of the nearest centre as float ``(A, N)`` (and the score at it, ``with_min``)."""
+        A, N = cen.shape[0], xT.shape[-1]
+        lab = torch.empty(A, N, dtype=cen.dtype, device=cen.device)
+        mind = torch.empty(A, N, dtype=cen.dtype, device=cen.device) if with_min else None
+        for s, e, cm, dg, layout, pad in self.groups:  # at most a few groups, not a per-K loop
+            code, m = _nearest_code(cen[s:e, :cm, :dg], pad, layout, xT[:, :dg], tie[0], tie[1], bufs, with_min)
+            torch.sub(cm, code, out=lab[s:e])
+            if mind is not None:
+                mind[s:e] = m
+        return (lab, mind) if mind is not None else lab
 
 
 def _relocate_empty(new: Tensor, cen: Tensor, empty: Tensor, lab: Tensor, img: Tensor, col: Tensor, pm: Tensor,
@@ -438,15 +508,16 @@ class _Layout:
             (self.slot == torch.arange(A, device=img.device)).all())
 
 
-def _nearest_code(cen: Tensor, k: Tensor, layout: _Layout, xT: Tensor, x2: Tensor, bufs: _ScoreBuffers,
-                  with_min: bool = False) -> tuple[Tensor, Tensor]:
+def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Tensor, tie_rtol_c: Tensor,
+                  bufs: _ScoreBuffers, with_min: bool = False) -> tuple[Tensor, Tensor]:
     """Nearest centre of every point, for restarts laid out by image.
 
-    ``cen (A, C, D)`` centres, ``k (A,)`` real centres per restart, ``xT (B, D, N)`` points,
-    ``x2 (B, N)`` their squared norms. One GEMM per image scores ``||c||² − 2 x·c`` for all its
-    restarts at once. Scores within rounding of the minimum (``TIE_RTOL (||x||² + max ||c||²)``)
-    count as ties and go to the first centre, so that exact ties (a point equidistant from two
-    centres, e.g. an all-zero feature row) never depend on rounding, hence on the batch.
+    ``cen (A, C, D)`` centres, ``pad (A, C)`` True on padding centres (index ``>= K``),
+    ``xT (B, D, N)`` points, ``tie (B, 1, N) = TIE_RTOL ||x||²`` and ``tie_rtol_c = TIE_RTOL``
+    (a 0-d tensor). One GEMM per image scores ``||c||² − 2 x·c`` for all its restarts at once.
+    Scores within ``TIE_RTOL (||x||² + max ||c||²)`` of the minimum count as ties and go to the
+    first centre, so that exact ties (a point equidistant
+    from two centres, e.g. an all-zero feature row) never depend on rounding, hence on the batch.
 
     Returns the float code ``C − index`` of the nearest centre ``(A, N)`` and, with
     ``with_min``, the score at the minimum ``(A, N)``.
@@ -454,10 +525,9 @@ def _nearest_code(cen: Tensor, k: Tensor, layout: _Layout, xT: Tensor, x2: Tenso
     A, C, D = cen.shape
     B, M = layout.B, layout.M
     N = xT.shape[-1]
-    pad = torch.arange(C, device=cen.device).view(1, C) >= k.view(A, 1)
     c2 = (cen * cen).sum(-1)
     c2max = c2.masked_fill(pad, 0).amax(-1)  # (A,)
-    c2 = c2.masked_fill(pad, float("inf"))
+    c2.masked_fill_(pad, float("inf"))
     if layout.identity:
         c2s, cs = c2, cen
     else:
@@ -471,8 +541,8 @@ def _nearest_code(cen: Tensor, k: Tensor, layout: _Layout, xT: Tensor, x2: Tenso
     # (on the CPU, min-with-index over a strided dim is ~20x slower than the value-only amin, and
     # a comparison into bool ~5x slower than into float: float ops only)
     mind = score.amin(1)  # (B*M, N)
-    tie = TIE_RTOL[cen.dtype] * (x2.view(B, 1, N) + c2max.view(B, M, 1))
-    hit = torch.le(score, (mind.view(B, M, N) + tie).view(B * M, 1, N), out=hit.view(B * M, C, N))
+    thr = torch.addcmul(mind.view(B, M, N) + tie, c2max.view(B, M, 1), tie_rtol_c)  # mind + rtol (x2 + c2max)
+    hit = torch.le(score, thr.view(B * M, 1, N), out=hit.view(B * M, C, N))
     hit.mul_(torch.arange(C, 0, -1, dtype=score.dtype, device=score.device).view(1, C, 1))
     code = hit.amax(1)
     if not layout.identity:
@@ -591,7 +661,7 @@ def _silhouette_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, lab
         for r0 in range(0, N, R):
             r1 = min(N, r0 + R)
             d2 = torch.zeros(b1 - b0, N, r1 - r0, dtype=dt, device=dev)
-            diff = torch.empty_like(d2)
+            diff = torch.empty_like(d2)  # work buffer: coordinate differences, then distances
             prev = 0
             for K in steps:
                 _accumulate_d2(d2, diff, xc[b0:b1], prev, K, r0, r1)
@@ -599,7 +669,7 @@ def _silhouette_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, lab
                 sel = ar_p[in_chunk & (dims == K)]
                 if sel.numel() == 0:
                     continue
-                out[sel, r0:r1] = _silhouette_block(d2, img[sel] - b0, lab[sel], counts[sel], pm_p[sel], C, r0, r1)
+                out[sel, r0:r1] = _silhouette_block(d2, diff, img[sel] - b0, lab[sel], counts[sel], pm_p[sel], C, r0, r1)
     return out
 
 
@@ -609,7 +679,7 @@ def _accumulate_d2(d2: Tensor, diff: Tensor, xc: Tensor, j0: int, j1: int, r0: i
     coordinates; a GEMM for many, with the diagonal reset to 0)."""
     if j1 - j0 <= 8:
         for j in range(j0, j1):
-            u = xc[:, :, j]
+            u = xc[:, :, j].contiguous()  # a strided coordinate makes the broadcast 10x slower
             torch.sub(u.unsqueeze(2), u[:, r0:r1].unsqueeze(1), out=diff)
             d2.addcmul_(diff, diff)
         return
@@ -619,13 +689,16 @@ def _accumulate_d2(d2: Tensor, diff: Tensor, xc: Tensor, j0: int, j1: int, r0: i
     d2[:, ar, ar - r0] = d2[:, ar, ar - r0] - part[:, ar, ar - r0] ** 2
 
 
-def _silhouette_block(d2: Tensor, bsel: Tensor, lab: Tensor, counts: Tensor, pm: Tensor, C: int, r0: int,
-                      r1: int) -> Tensor:
-    """Silhouettes of points ``r0 .. r1 − 1`` for problems on images ``bsel`` of the block ``d2``."""
+def _silhouette_block(d2: Tensor, buf: Tensor, bsel: Tensor, lab: Tensor, counts: Tensor, pm: Tensor, C: int,
+                      r0: int, r1: int) -> Tensor:
+    """Silhouettes of points ``r0 .. r1 − 1`` for problems on images ``bsel`` of the block ``d2``
+    (``buf``: a work buffer shaped like ``d2``, reused to avoid a fresh large allocation)."""
     np_, N = lab.shape
     R = r1 - r0
-    dist = d2.sqrt() if bsel.numel() == d2.shape[0] and bool((bsel == torch.arange(np_, device=d2.device)).all()) \
-        else d2.index_select(0, bsel).sqrt_()  # (np, N, R)
+    if np_ <= d2.shape[0]:
+        dist = torch.index_select(d2, 0, bsel, out=buf[:np_]).sqrt_()  # (np, N, R)
+    else:
+        dist = d2.index_select(0, bsel).sqrt_()
     # per-cluster sums over all points j of dist(j, r): rows of the block added by label
     # padded points go to an extra dump cluster C
     idx = (torch.where(pm, lab, C) + (C + 1) * torch.arange(np_, device=lab.device).view(np_, 1)).view(-1)
