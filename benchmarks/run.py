@@ -254,7 +254,9 @@ def load_images(n: int, size: tuple[int, int] = (640, 480), image_dir: str | Non
 
 def problems_of(embedding: torch.Tensor, mask: torch.Tensor, k_lo: torch.Tensor, k_hi: torch.Tensor,
                 dtype: torch.dtype = torch.float32) -> dict[str, Any] | None:
-    """The (image, K) k-means problems exactly as ``clasp_torch.cluster.select_k`` builds them."""
+    """The (image, K) k-means problems exactly as ``clasp_torch.cluster.select_k`` builds them:
+    each problem refers to its image's embedding ``emb (B, N, D)`` and uses its first ``dims``
+    coordinates."""
     B, N, M = embedding.shape
     dev = embedding.device
     kmin_all, kmax_all = int(k_lo.min()), int(k_hi.max())
@@ -266,9 +268,26 @@ def problems_of(embedding: torch.Tensor, mask: torch.Tensor, k_lo: torch.Tensor,
     b_idx, kc_idx = in_band.nonzero(as_tuple=True)
     kp = k_values[kc_idx]
     D = min(M, kmax_all)
-    x = embedding[..., :D].to(dtype)[b_idx]
-    x = x * (torch.arange(D, device=dev).view(1, 1, D) < kp.view(-1, 1, 1)).to(dtype)
-    return {"x": x, "k": kp, "mask": mask[b_idx], "b_idx": b_idx, "kc_idx": kc_idx, "k_values": k_values}
+    emb = embedding[..., :D].to(dtype) * mask.to(dtype).unsqueeze(-1)
+    return {"emb": emb, "image_mask": mask, "dims": kp.clamp(max=D), "k": kp, "mask": mask[b_idx], "b_idx": b_idx,
+            "kc_idx": kc_idx, "k_values": k_values}
+
+
+def kmeans_of(prob: dict[str, Any], n_init: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0) -> Any:
+    """k-means of every problem, the call ``select_k`` makes (a ``KMeansResult``)."""
+    from clasp_torch.cluster import _kmeans_images
+
+    return _kmeans_images(prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], prob["k"], n_init, max_iter,
+                          tol, seed, 1)
+
+
+def silhouette_of(prob: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    """Mean silhouette of every problem, the call ``select_k`` makes: ``(P,)``."""
+    from clasp_torch.cluster import _mean_silhouette, _silhouette_images
+
+    C = int(prob["k"].max())
+    s = _silhouette_images(prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], labels, C, 2**25)
+    return _mean_silhouette(s, labels, C, prob["mask"])
 
 
 def run_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
@@ -283,7 +302,7 @@ def run_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
         with (label(name) if label is not None else contextlib.nullcontext()):
             return timed(fn, device)
 
-    from clasp_torch.cluster import best_in_band, kmeans, silhouette_score
+    from clasp_torch.cluster import best_in_band
     from clasp_torch.pipeline import _to_uint8, pad_images, upsample_labels
     from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
 
@@ -316,12 +335,11 @@ def run_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
         k = torch.ones(B, dtype=torch.long, device=feats.device)
         info["problems"] = 0
     else:
-        x, kp, pm = prob["x"], prob["k"], prob["mask"]
+        kp = prob["k"]
         info["problems"] = int(kp.numel())
-        res, t["kmeans"] = T("kmeans", lambda: kmeans(x, kp, pm, n_init=model.n_init, max_iter=model.max_iter,
-                                                  tol=model.tol, seed=model.seed))
+        res, t["kmeans"] = T("kmeans", lambda: kmeans_of(prob, model.n_init, model.max_iter, model.tol, model.seed))
         info["kmeans_iters"] = res.n_iter
-        sc, t["silhouette"] = T("silhouette", lambda: silhouette_score(x, res.labels, int(kp.max()), pm))
+        sc, t["silhouette"] = T("silhouette", lambda: silhouette_of(prob, res.labels))
 
         def select():
             Kc = prob["k_values"].numel()

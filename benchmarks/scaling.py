@@ -5,7 +5,7 @@ for each ``n`` in ``--n`` (default 500 1000 2000 4000 8000), one image of ``n`` 
 through ``spectral_decomposition`` (Gram path: ``F̂ᵀF̂`` + ``eigh`` of ``D x D`` in float64; and the
 full path ``method="full"``: ``eigh`` of the ``n x n`` affinity, skipped above ``--full-max``
 patches) → ``eigengap_elbow`` + ``k_band`` → ``kmeans`` on the (image, K) problems of
-``select_k`` → ``silhouette_score`` on the same problems. The K band is fixed (``--k-opt 8``: K = 4..12, 9 problems of 10 restarts) so that the
+``select_k`` → the silhouettes of the same problems (``kmeans_of``/``silhouette_of``: ``select_k``'s own calls). The K band is fixed (``--k-opt 8``: K = 4..12, 9 problems of 10 restarts) so that the
 clustering work is comparable across ``n`` (the elbow is still run and timed). Times are medians over
 ``--repeats`` after a warm-up at the same size; memory is measured on the warm-up call
 (CPU: process RSS high-water mark above the RSS at entry, sampled every 2 ms; CUDA:
@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.run import OUT_DIR, PeakMemory, thread_limits, describe, load_images, machine_description, problems_of, timed
+from benchmarks.run import (OUT_DIR, PeakMemory, describe, kmeans_of, load_images, machine_description, problems_of,
+                            silhouette_of, thread_limits, timed)
 
 
 def synthetic_features(n: int, D: int = 384, n_clusters: int = 8, seed: int = 0) -> torch.Tensor:
@@ -60,7 +61,6 @@ def time_spectral(n: int, method: str, device: torch.device, repeats: int, D: in
     computed and timed, and reported as ``k_opt_elbow``), so that the clustering work per ``n``
     is comparable across sizes; ``None`` uses the elbow's band.
     """
-    from clasp_torch.cluster import kmeans, silhouette_score
     from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
 
     f = synthetic_features(n, D).to(device)
@@ -83,8 +83,8 @@ def time_spectral(n: int, method: str, device: torch.device, repeats: int, D: in
         if prob is None:
             t["kmeans"] = t["silhouette"] = 0.0
         else:
-            res, t["kmeans"] = timed(lambda: kmeans(prob["x"], prob["k"], prob["mask"]), device)
-            _, t["silhouette"] = timed(lambda: silhouette_score(prob["x"], res.labels, int(prob["k"].max()), prob["mask"]), device)
+            res, t["kmeans"] = timed(lambda: kmeans_of(prob), device)
+            _, t["silhouette"] = timed(lambda: silhouette_of(prob, res.labels), device)
         t["total"] = sum(t.values())
         return t, info
 

@@ -442,8 +442,10 @@ class _KGroups:
             cuts.append((starts[a], ends[b - 1], kl[ends[b - 1] - 1], max(dmax[a:b])))
             b = a
         ar = torch.arange(max(kl) if kl else 1, device=k.device)
-        self.groups = [(s, e, cm, dg, _Layout(img[s:e], n_images), ar[:cm].view(1, cm) >= k[s:e].view(-1, 1))
+        chunk = None if n_images == 1 else 16
+        self.groups = [(s, e, cm, dg, _Layout(img[s:e], n_images, chunk), ar[:cm].view(1, cm) >= k[s:e].view(-1, 1))
                        for s, e, cm, dg in reversed(cuts)]
+        self._rows: dict[int, tuple[Tensor, Tensor]] = {}
 
     def nearest(self, cen: Tensor, xT: Tensor, tie: tuple[Tensor, Tensor], bufs: _ScoreBuffers,
                 with_min: bool = False) -> tuple[Tensor, Tensor] | Tensor:
@@ -451,8 +453,14 @@ class _KGroups:
         A, N = cen.shape[0], xT.shape[-1]
         lab = torch.empty(A, N, dtype=cen.dtype, device=cen.device)
         mind = torch.empty(A, N, dtype=cen.dtype, device=cen.device) if with_min else None
-        for s, e, cm, dg, layout, pad in self.groups:  # at most a few groups, not a per-K loop
-            code, m = _nearest_code(cen[s:e, :cm, :dg], pad, layout, xT[:, :dg], tie[0], tie[1], bufs, with_min)
+        for gi, (s, e, cm, dg, layout, pad) in enumerate(self.groups):  # a few groups, not a per-K loop
+            if layout.row_img is None:
+                xg, tg = xT[:, :dg], tie[0]
+            else:  # the points (and ties) of each row's image, gathered once per grouping
+                if gi not in self._rows:
+                    self._rows[gi] = (xT[:, :dg].index_select(0, layout.row_img), tie[0].index_select(0, layout.row_img))
+                xg, tg = self._rows[gi]
+            code, m = _nearest_code(cen[s:e, :cm, :dg], pad, layout, xg, tg, tie[1], bufs, with_min)
             torch.sub(cm, code, out=lab[s:e])
             if mind is not None:
                 mind[s:e] = m
@@ -497,15 +505,38 @@ class _ScoreBuffers:
 
 
 class _Layout:
-    """Restarts laid out by image for the per-image GEMM (see :func:`_group_table`); ``identity``
-    when the layout is the restarts' own order (one image, or equal counts in image order)."""
+    """Restarts laid out in rows of ``M`` slots for the batched GEMM of :func:`_nearest_code`.
 
-    def __init__(self, img: Tensor, n_images: int) -> None:
-        self.table, self.slot, self.M = _group_table(img, n_images)
-        self.B = n_images
+    Without ``chunk``, a row is an image (``M`` = the largest number of restarts of an image,
+    see :func:`_group_table`); ``identity`` when that is the restarts' own order (one image, or
+    equal counts in image order). With ``chunk``, each image's restarts fill rows of ``chunk``
+    slots, so that images with few restarts waste at most ``chunk − 1`` slots each, and
+    ``row_img`` names each row's image.
+    """
+
+    def __init__(self, img: Tensor, n_images: int, chunk: int | None = None) -> None:
         A = img.numel()
-        self.identity = A == n_images * self.M and bool(
-            (self.slot == torch.arange(A, device=img.device)).all())
+        dev = img.device
+        self.B = n_images
+        if chunk is None or n_images == 1:
+            self.table, self.slot, self.M = _group_table(img, n_images)
+            self.rows = n_images
+            self.row_img = None  # row b is image b
+            self.identity = A == n_images * self.M and bool((self.slot == torch.arange(A, device=dev)).all())
+            return
+        counts = torch.bincount(img, minlength=n_images)
+        per = (counts + chunk - 1) // chunk  # rows of each image
+        first = per.cumsum(0) - per
+        order = torch.argsort(img, stable=True)
+        starts = counts.cumsum(0) - counts
+        g = img[order]
+        rank = torch.arange(A, device=dev) - starts[g]
+        self.slot = torch.empty(A, dtype=torch.long, device=dev)
+        self.slot[order] = (first[g] + rank // chunk) * chunk + rank % chunk
+        self.M = chunk
+        self.rows = int(per.sum())
+        self.row_img = torch.repeat_interleave(torch.arange(n_images, device=dev), per)
+        self.identity = False
 
 
 def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Tensor, tie_rtol_c: Tensor,
@@ -523,7 +554,7 @@ def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Te
     ``with_min``, the score at the minimum ``(A, N)``.
     """
     A, C, D = cen.shape
-    B, M = layout.B, layout.M
+    B, M = layout.rows, layout.M  # rows of the batched GEMM (xT holds one (D, N) per row)
     N = xT.shape[-1]
     c2 = (cen * cen).sum(-1)
     c2max = c2.masked_fill(pad, 0).amax(-1)  # (A,)
@@ -541,7 +572,7 @@ def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Te
     # (on the CPU, min-with-index over a strided dim is ~20x slower than the value-only amin, and
     # a comparison into bool ~5x slower than into float: float ops only)
     mind = score.amin(1)  # (B*M, N)
-    thr = torch.addcmul(mind.view(B, M, N) + tie, c2max.view(B, M, 1), tie_rtol_c)  # mind + rtol (x2 + c2max)
+    thr = torch.addcmul(mind.view(B, M, N) + tie, c2max.view(B, M, 1), tie_rtol_c)  # tie (B or 1, 1, N)  # mind + rtol (x2 + c2max)
     hit = torch.le(score, thr.view(B * M, 1, N), out=hit.view(B * M, C, N))
     hit.mul_(torch.arange(C, 0, -1, dtype=score.dtype, device=score.device).view(1, C, 1))
     code = hit.amax(1)

@@ -46,9 +46,9 @@ def test_run_quick_writes_tables(tmp_path) -> None:
 
 
 def test_run_stage_problems_match_select_k() -> None:
-    """``problems_of`` builds the same problems as ``select_k`` (same labels for the chosen K)."""
-    from benchmarks.run import problems_of
-    from clasp_torch.cluster import kmeans, select_k
+    """``problems_of`` + ``kmeans_of`` + ``silhouette_of`` are ``select_k``'s calls (same labels, scores)."""
+    from benchmarks.run import kmeans_of, problems_of, silhouette_of
+    from clasp_torch.cluster import select_k
 
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
@@ -57,8 +57,10 @@ def test_run_stage_problems_match_select_k() -> None:
     lo, hi = torch.tensor([2, 3]), torch.tensor([4, 5])
     prob = problems_of(emb, mask, lo, hi)
     assert prob is not None and prob["k"].tolist() == [2, 3, 4, 3, 4, 5]
-    res = kmeans(prob["x"], prob["k"], prob["mask"])
+    res = kmeans_of(prob)
+    sc = silhouette_of(prob, res.labels)
     sel = select_k(emb, mask, lo, hi)
+    assert torch.equal(sc, sel.scores[prob["b_idx"], prob["kc_idx"]])
     for b in range(2):
         p = int(((prob["b_idx"] == b) & (prob["k"] == sel.k[b])).nonzero()[0, 0])
         assert torch.equal(res.labels[p], sel.labels[b])
