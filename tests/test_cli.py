@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clasp_torch.cli import main
@@ -110,3 +111,11 @@ def test_ddp_two_processes_write_each_image_exactly_once(tmp_path: Path) -> None
     recs = read_logs(out)
     assert len(recs) == 37 and len({r["index"] for r in recs}) == 37  # no duplicates across ranks
     assert {Path(p).name for p in out.glob(".clasp_log.rank*.jsonl")} == {".clasp_log.rank0.jsonl", ".clasp_log.rank1.jsonl"}
+
+
+def test_default_batch_size_is_one_on_cpu_and_eight_on_gpu() -> None:
+    from clasp_torch.cli import default_batch_size
+
+    assert default_batch_size("cpu") == 1
+    assert default_batch_size("cuda") == default_batch_size("cuda:1") == 8
+    assert default_batch_size("auto") == (8 if torch.cuda.is_available() else 1)
