@@ -145,7 +145,12 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     trials = 2 + int(math.log(max(C, 2)))
     trials_p = 2 + torch.log(k.clamp_min(2).double()).floor().long()  # (P,)
     # every per-problem tensor goes to padded slots grouped by image (S = B * M), where one GEMM
-    # per image serves all its problems; padding slots have k = n = 1 and are dropped at the end
+    # per image serves all its problems; padding slots have k = n = 1 and are dropped at the end.
+    # Inside an image the problems are sorted by K descending, so the problems still adding a
+    # centre at step c (K > c) are a prefix of every image's row: later steps skip the others.
+    perm = torch.sort(-k, stable=True).indices
+    perm = perm[torch.sort(img[perm], stable=True).indices]  # (image, -K) order
+    img, k, n, colmask, x2 = img[perm], k[perm], n[perm], colmask[perm], x2[perm]
     layout = _Layout(img, B)
     M, slot = layout.M, layout.slot
     S = B * M
@@ -157,6 +162,8 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
         n_s = _slots(n, slot, S).clamp_min(1)
         col_s = _slots(colmask, slot, S)
         x2_s = _slots(x2, slot, S)
+    # active prefix length of the rows at each step c = 1 .. C-1 (one host sync)
+    prefix = (k_s.view(B, M, 1) > torch.arange(1, max(C, 2), device=dev).view(1, 1, -1)).sum(1).amax(0).tolist()
     trials_s = 2 + torch.log(k_s.clamp_min(2).double()).floor().long()  # (S,)
     ar_i = torch.arange(I, device=dev).view(1, I)
     kk = k_s.view(S, 1)
@@ -175,35 +182,40 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     # Distances live in "score space", d² − ||x||² = ||c||² − 2 x·c: one GEMM with the ||c||² bias
     # and no pass to add ||x||², which is constant over the candidates of a point (so it changes
     # no choice). Padded points have x = 0, hence score-space closest = 0 = their true distance.
-    x2f = x2_s.unsqueeze(1)  # (S, 1, N)
     closest = torch.baddbmm((pts * pts).sum(-1, keepdim=True).expand(S, I, 1).reshape(B, M * I, 1),
-                            pts.view(B, M * I, D), xT, alpha=-2).view(S, I, N) * pm  # (S, I, N), score space
-    ar_t = torch.arange(trials, device=dev).view(1, 1, trials)
-    ar_q = torch.arange(S * I, device=dev)
+                            pts.view(B, M * I, D), xT, alpha=-2).view(B, M, I, N) * pm.view(B, M, 1, N)
+    x2b = x2_s.view(B, M, 1, N)
+    ar_t = torch.arange(trials, device=dev).view(1, 1, 1, trials)
+    cen_b = centres.view(B, M, I, C, D)
     for c in range(1, C):
-        dist = (closest + x2f).clamp_min_(0)  # true squared distances (S, I, N)
-        pot = dist.sum(-1, keepdim=True)  # (S, I, 1)
-        u = hash_uniform(seed, kk.unsqueeze(-1), ar_i.unsqueeze(-1), torch.full((1, 1, 1), c, device=dev), ar_t)
-        cum = dist.cumsum(-1)  # (S, I, N)
-        target = u.to(dt) * pot  # (S, I, T)
+        m = prefix[c - 1]  # the first m problems of every image still add a centre
+        cl = closest[:, :m]  # (B, m, I, N), score space
+        x2c = x2b[:, :m]
+        dist = (cl + x2c).clamp_min_(0)  # true squared distances
+        pot = dist.sum(-1, keepdim=True)  # (B, m, I, 1)
+        kc = k_s.view(B, M)[:, :m]
+        u = hash_uniform(seed, kc.reshape(B, m, 1, 1), ar_i.view(1, 1, I, 1), torch.full((1, 1, 1, 1), c, device=dev), ar_t)
+        cum = dist.cumsum(-1)
+        target = u.to(dt) * pot  # (B, m, I, T)
         cand = torch.searchsorted(cum, target).clamp(max=N - 1)
-        cand = torch.minimum(cand, (n_s.view(S, 1, 1) - 1))
-        cpts = rows[base.view(S, 1, 1) + cand] * colf.unsqueeze(1)  # (S, I, T, D)
-        c2 = (cpts * cpts).sum(-1, keepdim=True)  # (S, I, T, 1)
-        # squared distances of every point to every candidate: (S, I, T, N)
-        cd = torch.baddbmm(c2.view(B, M * I * trials, 1), cpts.view(B, M * I * trials, D), xT,
-                           alpha=-2).view(S, I, trials, N)
-        newc = torch.minimum(cd, closest.unsqueeze(2), out=cd)
+        cand = torch.minimum(cand, n_s.view(B, M)[:, :m].view(B, m, 1, 1) - 1)
+        cpts = rows[base.view(B, M)[:, :m].view(B, m, 1, 1) + cand] * colf.view(B, M, 1, 1, D)[:, :m]  # (B, m, I, T, D)
+        c2 = (cpts * cpts).sum(-1, keepdim=True)
+        # squared distances (score space) of every point to every candidate: (B, m, I, T, N)
+        cd = torch.baddbmm(c2.view(B, m * I * trials, 1), cpts.view(B, m * I * trials, D), xT,
+                           alpha=-2).view(B, m, I, trials, N)
+        newc = torch.minimum(cd, cl.unsqueeze(3), out=cd)
         # potential of each trial, up to the constant sum of ||x||² (padded points add 0)
-        pot_t = newc.sum(-1).masked_fill(ar_t >= trials_s.view(S, 1, 1), float("inf"))
+        pot_t = newc.sum(-1).masked_fill(ar_t >= trials_s.view(B, M)[:, :m].view(B, m, 1, 1), float("inf"))
         # first trial within rounding of the best potential (ties never decided by rounding)
-        near = pot_t <= pot_t.amin(-1, keepdim=True) + TIE_RTOL[dt] * (pot + x2f.sum(-1, keepdim=True))
-        best = near.to(torch.int8).argmax(-1)  # (S, I)
-        closest = newc.view(S * I, trials, N)[ar_q, best.view(-1)].view(S, I, N)
-        chosen = cpts.gather(2, best.view(S, I, 1, 1).expand(S, I, 1, D)).squeeze(2)
-        active = (c < k_s).view(S, 1, 1).to(dt)
-        centres[:, :, c] = chosen * active
-    return centres if layout.identity else centres[slot]
+        near = pot_t <= pot_t.amin(-1, keepdim=True) + TIE_RTOL[dt] * (pot + x2c.sum(-1, keepdim=True))
+        best = near.to(torch.int8).argmax(-1)  # (B, m, I)
+        closest[:, :m] = newc.gather(3, best.view(B, m, I, 1, 1).expand(B, m, I, 1, N)).squeeze(3)
+        chosen = cpts.gather(3, best.view(B, m, I, 1, 1).expand(B, m, I, 1, D)).squeeze(3)
+        active = (kc > c).view(B, m, 1, 1).to(dt)
+        cen_b[:, :m, :, c] = chosen * active
+    centres = centres if layout.identity else centres[slot]
+    return torch.empty_like(centres).index_copy_(0, perm, centres)
 
 
 def _slots(t: Tensor, slot: Tensor, S: int) -> Tensor:

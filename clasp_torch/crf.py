@@ -852,10 +852,23 @@ def crf_refine_labels(
         labels = labels.masked_fill(~mask.to(device=labels.device, dtype=torch.bool), 0)
     unary = unary_from_labels(labels, n_labels, gt_prob, label_mask=label_mask)
     Q = dense_crf(image, unary, mask=mask, label_mask=label_mask, **params)
-    out = Q.argmax(1)
+    out = _argmax_labels(Q)
     if mask is not None:
         out = out.masked_fill(~mask.to(device=out.device, dtype=torch.bool), -1)
     return out[0] if squeeze else out
+
+
+def _argmax_labels(Q: Tensor) -> Tensor:
+    """``Q.argmax(1)`` for ``Q (B, C, H, W)`` (first maximum on ties), from float ops on the
+    label-major buffer: on the CPU, ``argmax`` over the label dim is ~18x slower (37 ms against
+    2 ms for 640x480 and 6 labels, one thread)."""
+    C = Q.shape[1]
+    Qc = Q.transpose(0, 1)  # (C, B, H, W): contiguous when Q comes from dense_crf
+    if Q.device.type != "cpu" or C >= 2**24 or not Qc.is_contiguous():
+        return Q.argmax(1)
+    hit = torch.ge(Qc, Qc.amax(0, keepdim=True), out=torch.empty_like(Qc))
+    hit.mul_(torch.arange(C, 0, -1, dtype=Q.dtype, device=Q.device).view(C, 1, 1, 1))
+    return C - hit.amax(0).long()
 
 
 class DenseCRF(nn.Module):

@@ -285,3 +285,14 @@ def test_module_and_refine_api() -> None:
     Qp = crf(timg, probs)
     Qd = dense_crf(timg, unary_from_probs(probs))
     assert torch.allclose(Qp, Qd)
+
+
+def test_argmax_labels_equals_torch_argmax_with_ties() -> None:
+    from clasp_torch.crf import _argmax_labels
+
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randint(0, 3, (5, 2, 7, 9), generator=g).float()  # (C, B, H, W): many exact ties
+    Q = buf.transpose(0, 1)  # the (B, C, H, W) view dense_crf returns
+    assert torch.equal(_argmax_labels(Q), Q.argmax(1))
+    Qc = torch.rand(2, 5, 7, 9, generator=g)  # a plain contiguous (B, C, H, W) tensor
+    assert torch.equal(_argmax_labels(Qc), Qc.argmax(1))
