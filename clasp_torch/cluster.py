@@ -152,12 +152,18 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     perm = perm[torch.sort(img[perm], stable=True).indices]  # (image, -K) order
     img, k, n, colmask, x2 = img[perm], k[perm], n[perm], colmask[perm], x2[perm]
     layout = _Layout(img, B)
-    M, slot = layout.M, layout.slot
+    rows = xi.reshape(B * N, D)
+    xT = xi.transpose(1, 2)
+    if layout.row_img is not None:  # some images have no problem: rows for the others only
+        xT = xT.index_select(0, layout.row_img)
+    B, M, slot = layout.rows, layout.M, layout.slot  # from here on, B counts GEMM rows
     S = B * M
     if layout.identity:
         img_s, k_s, n_s, col_s, x2_s = img, k, n, colmask, x2
     else:
         img_s = torch.arange(S, device=dev) // M
+        if layout.row_img is not None:
+            img_s = layout.row_img[img_s]
         k_s = _slots(k, slot, S).clamp_min(1)
         n_s = _slots(n, slot, S).clamp_min(1)
         col_s = _slots(colmask, slot, S)
@@ -168,7 +174,6 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     ar_i = torch.arange(I, device=dev).view(1, I)
     kk = k_s.view(S, 1)
     zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    rows = xi.reshape(B * N, D)
     base = (img_s * N).view(S, 1)
     colf = col_s.view(S, 1, D).to(dt)
     # first centre: uniform among the real points
@@ -178,7 +183,6 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     centres = torch.zeros(S, I, C, D, dtype=dt, device=dev)
     centres[:, :, 0] = pts
     pm = pmask[img_s].to(dt).unsqueeze(1)  # (S, 1, N)
-    xT = xi.transpose(1, 2)
     # Distances live in "score space", d² − ||x||² = ||c||² − 2 x·c: one GEMM with the ||c||² bias
     # and no pass to add ||x||², which is constant over the candidates of a point (so it changes
     # no choice). Padded points have x = 0, hence score-space closest = 0 = their true distance.
@@ -281,8 +285,12 @@ def kmeans(
         return KMeansResult(labels=torch.full((0, N), -1, dtype=torch.long, device=dev),
                             centers=x.new_zeros(0, 0, d), inertia=x.new_zeros(0), n_iter=0)
     x = x * point_mask.to(x.dtype).unsqueeze(-1)
-    dims = torch.full((P,), d, dtype=torch.long, device=dev)
-    return _kmeans_images(x, point_mask, torch.arange(P, device=dev), dims, k, n_init, max_iter, tol, seed, check_every)
+    # trailing all-zero coordinates change no distance: compute in the used ones only, but keep
+    # sklearn's tolerance, a mean variance over all d coordinates
+    used = (x != 0).any(1)  # (P, d)
+    dims = (used.long() * torch.arange(1, d + 1, device=dev)).amax(-1).clamp_min(1)
+    tol_p = tol * dims.double() / d
+    return _kmeans_images(x, point_mask, torch.arange(P, device=dev), dims, k, n_init, max_iter, tol_p, seed, check_every)
 
 
 def _check_k(k: Tensor, P: int, dev: torch.device) -> Tensor:
@@ -306,12 +314,13 @@ def _check_settings(n_init: int, max_iter: int, check_every: int, seed: int, tol
 
 
 def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tensor, n_init: int, max_iter: int,
-                   tol: float, seed: int, check_every: int) -> KMeansResult:
+                   tol: float | Tensor, seed: int, check_every: int) -> KMeansResult:
     """k-means problems that live on shared images (validated inputs).
 
     Problem ``p`` clusters the real points of image ``img[p]`` of ``xi (B, N, D)`` (zero on
     padded points), in its first ``dims[p]`` coordinates, into ``k[p]`` clusters; ``n_init``
-    restarts each. Restart ``q = p * n_init + i``. Every Lloyd step computes the scores of all
+    restarts each; ``tol`` (a float or one per problem) times the mean variance of those
+    coordinates bounds the squared centre shift at convergence. Restart ``q = p * n_init + i``. Every Lloyd step computes the scores of all
     active restarts of an image in one GEMM (no per-restart copy of the points), and moves only
     the points that changed cluster between float64 cluster sums.
     """
@@ -334,7 +343,8 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     s2 = (xi.to(acc) ** 2 * pm_img.to(acc).unsqueeze(-1)).sum(1)
     nb = pmask.sum(-1).clamp_min(1).to(acc).view(B, 1)
     var = (s2 / nb - (s1 / nb) ** 2).clamp_min(0)  # (B, D)
-    tol_p = (tol * (var[img] * colmask.to(acc)).sum(-1) / dims.to(acc)).to(dt)  # (P,)
+    tol_t = torch.as_tensor(tol, dtype=acc, device=dev)
+    tol_p = (tol_t * (var[img] * colmask.to(acc)).sum(-1) / dims.to(acc)).to(dt)  # (P,)
 
     centres = _kmeanspp(xi, x2, pmask, img, colmask, n, k, I, seed).reshape(Q, C, D)
     # restarts sorted by K, so that groups of similar K are contiguous slices (see _KGroups)
@@ -454,10 +464,19 @@ class _KGroups:
             cuts.append((starts[a], ends[b - 1], kl[ends[b - 1] - 1], max(dmax[a:b])))
             b = a
         ar = torch.arange(max(kl) if kl else 1, device=k.device)
-        chunk = None if n_images == 1 else 16
-        self.groups = [(s, e, cm, dg, _Layout(img[s:e], n_images, chunk), ar[:cm].view(1, cm) >= k[s:e].view(-1, 1))
-                       for s, e, cm, dg in reversed(cuts)]
+        self.groups = [(s, e, cm, dg, _Layout(img[s:e], n_images, self._chunk(img[s:e], n_images)),
+                        ar[:cm].view(1, cm) >= k[s:e].view(-1, 1)) for s, e, cm, dg in reversed(cuts)]
         self._rows: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _chunk(img: Tensor, n_images: int) -> int | None:
+        """Rows of 16 restarts when one row per image (with restarts here) would pad more than 25 %
+        (images with very different numbers of restarts), else one row per image."""
+        if n_images == 1:
+            return None
+        counts = torch.bincount(img, minlength=n_images)
+        present, most = int((counts > 0).sum()), int(counts.max())
+        return None if present * most <= 1.25 * img.numel() else 16
 
     def nearest(self, cen: Tensor, xT: Tensor, tie: tuple[Tensor, Tensor], bufs: _ScoreBuffers,
                 with_min: bool = False) -> tuple[Tensor, Tensor] | Tensor:
@@ -531,10 +550,17 @@ class _Layout:
         dev = img.device
         self.B = n_images
         if chunk is None or n_images == 1:
-            self.table, self.slot, self.M = _group_table(img, n_images)
-            self.rows = n_images
-            self.row_img = None  # row b is image b
-            self.identity = A == n_images * self.M and bool((self.slot == torch.arange(A, device=dev)).all())
+            present = torch.unique(img)  # sorted; rows only for images that have restarts here
+            if present.numel() == n_images:
+                self.row_img = None  # row b is image b
+                row = img
+            else:
+                self.row_img = present
+                row = torch.searchsorted(present, img)
+            self.rows = present.numel()
+            self.table, self.slot, self.M = _group_table(row, self.rows)
+            self.identity = (self.row_img is None and A == n_images * self.M
+                             and bool((self.slot == torch.arange(A, device=dev)).all()))
             return
         counts = torch.bincount(img, minlength=n_images)
         per = (counts + chunk - 1) // chunk  # rows of each image
