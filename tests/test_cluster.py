@@ -210,3 +210,33 @@ def test_silhouette_size_buckets_match_sklearn() -> None:
     got = silhouette_score(X, L, 30).numpy()
     want = [sk_silhouette(X[i, :, :k].numpy(), L[i].numpy()) for i, k in enumerate(ks)]
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_select_k_batch_with_very_different_bands_equals_single_images() -> None:
+    """Bands of very different sizes in one batch take the 16-restart row layout of the k-means
+    GEMM; every image still gets exactly its own single-image labels and silhouettes."""
+    from clasp_torch.cluster import _KGroups
+
+    feats, masks = [], []
+    for i, (n, k) in enumerate([(90, 2), (120, 7), (60, 3), (150, 9)]):
+        x = torch.from_numpy(_blobs(n, k, 8, 10 + i, spread=0.5)).float()
+        feats.append(x)
+    N = max(f.shape[0] for f in feats)
+    F = torch.zeros(len(feats), N, 8)
+    M = torch.zeros(len(feats), N, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        F[i, : len(f)] = f
+        M[i, : len(f)] = True
+    spec = spectral_decomposition(F, M)
+    lo = torch.tensor([2, 2, 2, 5])
+    hi = torch.tensor([3, 12, 4, 14])
+    img = torch.repeat_interleave(torch.arange(4), (hi - lo + 1) * 10)
+    assert _KGroups._chunk(img, 4) == 16  # the batch does use the chunked rows
+    batch = select_k(spec.eigenvectors, spec.mask, lo, hi)
+    for i in range(4):
+        one = select_k(spec.eigenvectors[i : i + 1], spec.mask[i : i + 1], lo[i : i + 1], hi[i : i + 1])
+        assert int(one.k[0]) == int(batch.k[i])
+        assert torch.equal(one.labels[0], batch.labels[i])
+        kc = batch.k_values
+        sel = (kc >= lo[i]) & (kc <= hi[i])
+        torch.testing.assert_close(one.scores[0], batch.scores[i, sel.nonzero()[0, 0] : sel.nonzero()[-1, 0] + 1])
