@@ -102,23 +102,15 @@ class KMeansResult:
     n_iter: int
 
 
-def _group_table(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor, int]:
-    """Lay items out by group: ``(table (G, M) of item indices (-1 = empty slot), slot (A,), M)``.
-
-    ``slot[a]`` is item ``a``'s position in ``table.view(-1)``; items keep their order inside a group.
-    """
-    A = group.numel()
-    dev = group.device
+def _rank_in_group(group: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Position of every item inside its group (items keep their order) and the group sizes:
+    ``(rank (A,), counts (n_groups,))``."""
     counts = torch.bincount(group, minlength=n_groups)
-    M = max(int(counts.max()), 1) if A else 1
     order = torch.argsort(group, stable=True)
     starts = counts.cumsum(0) - counts
-    rank = torch.arange(A, device=dev) - starts[group[order]]
-    slot = torch.empty(A, dtype=torch.long, device=dev)
-    slot[order] = group[order] * M + rank
-    table = torch.full((n_groups * M,), -1, dtype=torch.long, device=dev)
-    table[slot] = torch.arange(A, device=dev)
-    return table.view(n_groups, M), slot, M
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(group.numel(), device=group.device) - starts[group[order]]
+    return rank, counts
 
 
 def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tensor, n: Tensor, k: Tensor,
@@ -136,14 +128,12 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     The distances of every candidate of all problems of an image come from one GEMM per image.
     """
     B, N, D = xi.shape
-    P = img.numel()
     C = int(k.max())
     dev, dt = xi.device, xi.dtype
     I = n_init
-    # sklearn's 2 + log(K) local trials, per problem: with the batch's largest K instead, an
-    # image's result would depend on the other images of its batch
+    # sklearn's 2 + log(K) local trials, per problem (trials_s below): with the batch's largest K
+    # instead, an image's result would depend on the other images of its batch
     trials = 2 + int(math.log(max(C, 2)))
-    trials_p = 2 + torch.log(k.clamp_min(2).double()).floor().long()  # (P,)
     # every per-problem tensor goes to padded slots grouped by image (S = B * M), where one GEMM
     # per image serves all its problems; padding slots have k = n = 1 and are dropped at the end.
     # Inside an image the problems are sorted by K descending, so the problems still adding a
@@ -320,9 +310,10 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     Problem ``p`` clusters the real points of image ``img[p]`` of ``xi (B, N, D)`` (zero on
     padded points), in its first ``dims[p]`` coordinates, into ``k[p]`` clusters; ``n_init``
     restarts each; ``tol`` (a float or one per problem) times the mean variance of those
-    coordinates bounds the squared centre shift at convergence. Restart ``q = p * n_init + i``. Every Lloyd step computes the scores of all
-    active restarts of an image in one GEMM (no per-restart copy of the points), and moves only
-    the points that changed cluster between float64 cluster sums.
+    coordinates bounds the squared centre shift at convergence. Restart ``q = p * n_init + i``.
+    Every Lloyd step computes the scores of all active restarts of an image in one GEMM (no
+    per-restart copy of the points), and moves only the points that changed cluster between
+    float64 cluster sums.
     """
     B, N, D = xi.shape
     P = img.numel()
@@ -348,8 +339,9 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
 
     centres = _kmeanspp(xi, x2, pmask, img, colmask, n, k, I, seed).reshape(Q, C, D)
     # restarts sorted by K, so that groups of similar K are contiguous slices (see _KGroups)
-    qa = torch.sort(k.repeat_interleave(I), stable=True).indices  # restart ids, in K order
-    q_img = img.repeat_interleave(I)
+    q_img, q_k, q_dims = img.repeat_interleave(I), k.repeat_interleave(I), dims.repeat_interleave(I)
+    q_order = torch.sort(q_k, stable=True).indices  # restart ids, in K order
+    qa = q_order
     rows = xi.reshape(B * N, D)
     xT = xi.transpose(1, 2)
     # tie tolerance of each point: rounding of ||x||² + ||c||² (the full-D ||x||² >= each problem's)
@@ -360,9 +352,7 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     ar_c = torch.arange(C, device=dev)
     # state of the active (not yet converged) restarts, kept compact: gathered only when the
     # active set shrinks
-    img_a = q_img[qa]
-    k_a = k.repeat_interleave(I)[qa]
-    dims_a = dims.repeat_interleave(I)[qa]
+    img_a, k_a, dims_a = q_img[qa], q_k[qa], q_dims[qa]
     pm_a = pmask[img_a]  # (A, N)
     col_a = colmask.repeat_interleave(I, dim=0)[qa].to(dt).unsqueeze(1)  # (A, 1, D)
     tol_a = tol_p.repeat_interleave(I)[qa]
@@ -405,11 +395,10 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     else:
         centres[qa] = cen_a
     # final assignment with the final centres of every restart (in K order, then back)
-    qs = torch.sort(k.repeat_interleave(I), stable=True).indices
-    lab_s, mind_s = _KGroups(k.repeat_interleave(I)[qs], dims.repeat_interleave(I)[qs], q_img[qs], B, N).nearest(
-        centres[qs], xT, tie, bufs, with_min=True)
-    lab = torch.empty_like(lab_s).index_copy_(0, qs, lab_s).long()
-    mind = torch.empty_like(mind_s).index_copy_(0, qs, mind_s)
+    lab_s, mind_s = _KGroups(q_k[q_order], q_dims[q_order], q_img[q_order], B, N).nearest(
+        centres[q_order], xT, tie, bufs, with_min=True)
+    lab = torch.empty_like(lab_s).index_copy_(0, q_order, lab_s).long()
+    mind = torch.empty_like(mind_s).index_copy_(0, q_order, mind_s)
     x2q = x2.repeat_interleave(I, dim=0)
     q_pm = pmask[q_img]
     inertia = ((mind + x2q).clamp_min(0) * q_pm.to(dt)).sum(-1).view(P, I)
@@ -538,8 +527,8 @@ class _ScoreBuffers:
 class _Layout:
     """Restarts laid out in rows of ``M`` slots for the batched GEMM of :func:`_nearest_code`.
 
-    Without ``chunk``, a row is an image (``M`` = the largest number of restarts of an image,
-    see :func:`_group_table`); ``identity`` when that is the restarts' own order (one image, or
+    Without ``chunk``, a row is an image that has restarts here (``M`` = the largest number of
+    restarts of an image); ``identity`` when that is the restarts' own order (one image, or
     equal counts in image order). With ``chunk``, each image's restarts fill rows of ``chunk``
     slots, so that images with few restarts waste at most ``chunk − 1`` slots each, and
     ``row_img`` names each row's image.
@@ -548,29 +537,21 @@ class _Layout:
     def __init__(self, img: Tensor, n_images: int, chunk: int | None = None) -> None:
         A = img.numel()
         dev = img.device
-        self.B = n_images
         if chunk is None or n_images == 1:
             present = torch.unique(img)  # sorted; rows only for images that have restarts here
-            if present.numel() == n_images:
-                self.row_img = None  # row b is image b
-                row = img
-            else:
-                self.row_img = present
-                row = torch.searchsorted(present, img)
+            self.row_img = None if present.numel() == n_images else present  # None: row b is image b
+            row = img if self.row_img is None else torch.searchsorted(present, img)
             self.rows = present.numel()
-            self.table, self.slot, self.M = _group_table(row, self.rows)
+            rank, counts = _rank_in_group(row, self.rows)
+            self.M = max(int(counts.max()), 1) if A else 1
+            self.slot = row * self.M + rank
             self.identity = (self.row_img is None and A == n_images * self.M
                              and bool((self.slot == torch.arange(A, device=dev)).all()))
             return
-        counts = torch.bincount(img, minlength=n_images)
+        rank, counts = _rank_in_group(img, n_images)
         per = (counts + chunk - 1) // chunk  # rows of each image
         first = per.cumsum(0) - per
-        order = torch.argsort(img, stable=True)
-        starts = counts.cumsum(0) - counts
-        g = img[order]
-        rank = torch.arange(A, device=dev) - starts[g]
-        self.slot = torch.empty(A, dtype=torch.long, device=dev)
-        self.slot[order] = (first[g] + rank // chunk) * chunk + rank % chunk
+        self.slot = (first[img] + rank // chunk) * chunk + rank % chunk
         self.M = chunk
         self.rows = int(per.sum())
         self.row_img = torch.repeat_interleave(torch.arange(n_images, device=dev), per)
@@ -585,8 +566,8 @@ def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Te
     ``xT (B, D, N)`` points, ``tie (B, 1, N) = TIE_RTOL ||x||²`` and ``tie_rtol_c = TIE_RTOL``
     (a 0-d tensor). One GEMM per image scores ``||c||² − 2 x·c`` for all its restarts at once.
     Scores within ``TIE_RTOL (||x||² + max ||c||²)`` of the minimum count as ties and go to the
-    first centre, so that exact ties (a point equidistant
-    from two centres, e.g. an all-zero feature row) never depend on rounding, hence on the batch.
+    first centre, so that exact ties (a point equidistant from two centres, e.g. an all-zero
+    feature row) never depend on rounding, hence on the batch.
 
     Returns the float code ``C − index`` of the nearest centre ``(A, N)`` and, with
     ``with_min``, the score at the minimum ``(A, N)``.
@@ -610,7 +591,7 @@ def _nearest_code(cen: Tensor, pad: Tensor, layout: _Layout, xT: Tensor, tie: Te
     # (on the CPU, min-with-index over a strided dim is ~20x slower than the value-only amin, and
     # a comparison into bool ~5x slower than into float: float ops only)
     mind = score.amin(1)  # (B*M, N)
-    thr = torch.addcmul(mind.view(B, M, N) + tie, c2max.view(B, M, 1), tie_rtol_c)  # tie (B or 1, 1, N)  # mind + rtol (x2 + c2max)
+    thr = torch.addcmul(mind.view(B, M, N) + tie, c2max.view(B, M, 1), tie_rtol_c)  # mind + rtol (x2 + c2max)
     hit = torch.le(score, thr.view(B * M, 1, N), out=hit.view(B * M, C, N))
     hit.mul_(torch.arange(C, 0, -1, dtype=score.dtype, device=score.device).view(1, C, 1))
     code = hit.amax(1)
