@@ -12,6 +12,16 @@ import torch
 DATA_ROOT = Path(os.environ.get("CLASP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module single-threaded (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    on a small shared CPU, intra-op threads only add overhead to code of many small ops."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def data_dir(name: str) -> Path:
     """Path of a dev set under ``../shared/data``; skips the test when it is absent."""
     p = DATA_ROOT / name

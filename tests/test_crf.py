@@ -32,13 +32,7 @@ REAL_DIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run single-threaded: on a small shared CPU, OpenMP oversubscription makes many-op code crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -31,13 +31,7 @@ class _Backbone(nn.Module):
         return F.avg_pool2d(x, 8).permute(0, 2, 3, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add overhead (a lot of it on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 MODEL = CLASP(_Backbone(), refiner=None, n_init=4)
