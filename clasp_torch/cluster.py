@@ -75,7 +75,7 @@ def hash_uniform(seed: int, *keys: Tensor) -> Tensor:
         >>> bool(((u >= 0) & (u < 1)).all()), u.dtype
         (True, torch.float64)
     """
-    h = torch.as_tensor(seed & _MASK32, dtype=torch.int64)
+    h = torch.as_tensor(seed & _MASK32, dtype=torch.int64, device="cpu")
     h = _hash32(h + 0x9E3779B9)
     out = None
     for k in keys:

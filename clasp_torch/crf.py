@@ -106,10 +106,10 @@ class PermutohedralLattice:
 def _scale_factors(d: int) -> list[float]:
     """Diagonal of densecrf's elevation matrix, rounded exactly as the C++ code (float32)."""
     inv_std_dev = float(
-        torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32)
+        torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32, device="cpu")
     )
     vals = [1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)]
-    return torch.tensor(vals, dtype=torch.float32).tolist()
+    return torch.tensor(vals, dtype=torch.float32, device="cpu").tolist()
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def build_lattice(
     elevated[0] = sm
     del f
     # closest remainder-0 point (round half to even, as _mm_round_ps / _mm_cvtps_epi32)
-    inv = float(torch.tensor(1.0 / dp1, dtype=torch.float32))
+    inv = float(torch.tensor(1.0 / dp1, dtype=torch.float32, device="cpu"))
     v = torch.round(elevated * inv)
     rem0 = v * float(dp1)
     vsum = v[0].clone()
@@ -263,7 +263,7 @@ def build_lattice(
         n2[idx[found]] = ar[found]
         n1s.append(n1)
         n2s.append(n2)
-    alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** (-d)), dtype=torch.float32))
+    alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** (-d)), dtype=torch.float32, device="cpu"))
     itype = (
         torch.int32 if E < 2**31 - 1 else torch.int64
     )  # halves the per-point index memory
@@ -710,7 +710,7 @@ def dense_crf(
         scales: list[Tensor] = []
         compats: list[float] = []
         if use_g and not use_conv:
-            fg = (xy / torch.tensor(float(sxy_gaussian), dtype=torch.float32)).repeat(
+            fg = (xy / torch.tensor(float(sxy_gaussian), dtype=torch.float32, device="cpu")).repeat(
                 B, 1
             )
             if not all_valid:
@@ -723,8 +723,8 @@ def dense_crf(
             rgb = (
                 image.to(device).permute(0, 2, 3, 1).reshape(B * N, 3).to(torch.float32)
             )
-            sxy_t = torch.tensor(float(sxy_bilateral), dtype=torch.float32)
-            srgb_t = torch.tensor(float(srgb_bilateral), dtype=torch.float32)
+            sxy_t = torch.tensor(float(sxy_bilateral), dtype=torch.float32, device="cpu")
+            srgb_t = torch.tensor(float(srgb_bilateral), dtype=torch.float32, device="cpu")
             fb = torch.cat([(xy / sxy_t).repeat(B, 1), rgb / srgb_t], 1)
             del rgb
             if not all_valid:

@@ -282,7 +282,7 @@ class CLASP(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(prepped):
             groups.setdefault((int(x.shape[-2]), int(x.shape[-1])), []).append(i)
-        grids = torch.tensor([[int(x.shape[-2]) // p, int(x.shape[-1]) // p] for x in prepped], dtype=torch.long)
+        grids = torch.tensor([[int(x.shape[-2]) // p, int(x.shape[-1]) // p] for x in prepped], dtype=torch.long, device="cpu")
         hm, wm = int(grids[:, 0].max()), int(grids[:, 1].max())
         feats: Tensor | None = None
         amp = (
@@ -395,7 +395,7 @@ class CLASP(nn.Module):
     def forward(self, images: ImagesLike) -> CLASPOutput:
         """Segment a batch of images; see the class docstring for shapes."""
         imgs = [im.to(self._device()) for im in images_to_list(images)]
-        image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long)
+        image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long, device="cpu")
         feats, pmask, grids = self.extract_features(imgs)
         padded, imask = pad_images([_to_uint8(im) for im in imgs])
         # A uniform image (one colour, up to UNIFORM_TOLERANCE grey levels) is one segment;
@@ -441,7 +441,7 @@ def _count_distinct_rows(features: Tensor, mask: Tensor) -> Tensor:
     B, N, D = features.shape
     q = torch.round(normalize_features(features, mask).double() * 2**20).long()
     g = torch.Generator(device="cpu").manual_seed(0x5EED)
-    w = torch.randint(1, 2**31 - 1, (D,), generator=g, dtype=torch.long).to(features.device)
+    w = torch.randint(1, 2**31 - 1, (D,), generator=g, dtype=torch.long, device="cpu").to(features.device)
     h = (q * w).sum(-1)  # int64 arithmetic wraps: a hash
     h = h.masked_fill(~mask, torch.iinfo(torch.long).max).sort(-1).values
     n = mask.sum(-1)

@@ -274,7 +274,7 @@ def spectrum_and_counts(eigenvalues: Tensor, n: Tensor | None = None) -> tuple[T
     lam = eigenvalues.double()
     if n is None:
         n = torch.full((B,), N, dtype=torch.long, device=lam.device)
-    n = torch.as_tensor(n).to(device=lam.device, dtype=torch.long)
+    n = torch.as_tensor(n, device=lam.device).long()
     if n.shape != (B,):
         raise ValueError(f"n must have shape (B,) = {(B,)}, got {tuple(n.shape)}")
     return lam, n
@@ -347,7 +347,7 @@ def k_band(k_opt: Tensor, n: Tensor, beta: float = 0.5, k_min: int = 2) -> tuple
         raise ValueError(f"beta must lie in (0, 1), got {beta}")
     if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
         raise ValueError(f"k_min must be an integer >= 1, got {k_min!r}")
-    k_opt = torch.as_tensor(k_opt)
+    k_opt = k_opt if isinstance(k_opt, Tensor) else torch.as_tensor(k_opt, device="cpu")
     n = torch.as_tensor(n, device=k_opt.device)
     if k_opt.dim() != 1 or n.shape != k_opt.shape:
         raise ValueError(f"k_opt and n must both have shape (B,), got {tuple(k_opt.shape)} and {tuple(n.shape)}")

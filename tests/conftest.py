@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 DATA_ROOT = Path(os.environ.get("CLASP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -20,6 +22,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class PatchMeanBackbone(nn.Module):
+    """A tiny deterministic 'backbone': per-patch mean colour and its square (D = 6)."""
+
+    patch_size = 8
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = F.avg_pool2d(x, 8)
+        return torch.cat([m, m**2 + 0.05], 1).permute(0, 2, 3, 1)
+
+
+def toy_image(h: int, w: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    img = torch.zeros(3, h, w)
+    img[0, : h // 2] = 0.9
+    img[1, :, : w // 3] = 0.8
+    img[2, h // 2 :, w // 2 :] = 0.7
+    return ((img + 0.05 * torch.rand(3, h, w, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
 
 
 def data_dir(name: str) -> Path:

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clasp_torch.pipeline import CLASP, upsample_labels
-
-
-class PatchMeanBackbone(nn.Module):
-    """A tiny deterministic 'backbone': per-patch mean colour and its square (D = 6)."""
-
-    patch_size = 8
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = F.avg_pool2d(x, 8)
-        return torch.cat([m, m**2 + 0.05], 1).permute(0, 2, 3, 1)
-
-
-def _toy_image(h: int, w: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    img = torch.zeros(3, h, w)
-    img[0, : h // 2] = 0.9
-    img[1, :, : w // 3] = 0.8
-    img[2, h // 2 :, w // 2 :] = 0.7
-    return ((img + 0.05 * torch.rand(3, h, w, generator=g)).clamp(0, 1) * 255).to(torch.uint8)
+from tests.conftest import PatchMeanBackbone, toy_image
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +17,7 @@ def toy_model() -> CLASP:
 
 
 def test_output_shapes_and_ranges(toy_model: CLASP) -> None:
-    imgs = torch.stack([_toy_image(96, 128, 0), _toy_image(96, 128, 1)])
+    imgs = torch.stack([toy_image(96, 128, 0), toy_image(96, 128, 1)])
     out = toy_model(imgs)
     assert out.labels.shape == (2, 96, 128)
     assert out.patch_labels.shape == (2, 12, 16)
@@ -53,7 +32,7 @@ def test_output_shapes_and_ranges(toy_model: CLASP) -> None:
 
 
 def test_ragged_batch_equals_single_images(toy_model: CLASP) -> None:
-    imgs = [_toy_image(96, 128, 0), _toy_image(70, 50, 1), _toy_image(130, 90, 2)]
+    imgs = [toy_image(96, 128, 0), toy_image(70, 50, 1), toy_image(130, 90, 2)]
     batch = toy_model(imgs)
     assert batch.labels.shape == (3, 130, 128)
     for i, im in enumerate(imgs):
@@ -66,7 +45,7 @@ def test_ragged_batch_equals_single_images(toy_model: CLASP) -> None:
 
 
 def test_same_seed_same_output_and_float_input(toy_model: CLASP) -> None:
-    im = _toy_image(96, 128, 3)
+    im = toy_image(96, 128, 3)
     a, b = toy_model(im), toy_model(im)
     assert torch.equal(a.labels, b.labels)
     c = toy_model(im.float() / 255)
@@ -75,7 +54,7 @@ def test_same_seed_same_output_and_float_input(toy_model: CLASP) -> None:
 
 def test_fixed_k() -> None:
     model = CLASP(PatchMeanBackbone(), refiner=None, fixed_k=3)
-    out = model(_toy_image(96, 128, 0))
+    out = model(toy_image(96, 128, 0))
     assert int(out.k[0]) == 3 and out.patch_labels.max() == 2
 
 
