@@ -10,8 +10,9 @@
 #    ones) on 640x480 inputs, batch sizes 1 8 32, with and without the CRF (images/s end to end,
 #    peak GPU memory at batch 32), plus the literal CPU reference on the same features,
 # 4. the same with bf16 autocast for the backbone,
-# 5. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
-# 6. benchmarks.scaling on CUDA,
+# 5. benchmarks.memory: peak GPU memory of each stage and of the forward at batch 1 8 32,
+# 6. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
+# 7. benchmarks.scaling on CUDA,
 # and writes every log / CSV / JSON / markdown / trace / plot into $OUT if set (else benchmarks/out).
 #
 # Targets (H100, batch 32, 640x480, DINOv2 ViT-S/14-reg): >= 200 images/s with CRF, >= 500 without,
@@ -57,6 +58,11 @@ step "benchmarks.run (CUDA, efficientnet_lite0 real weights)"
 "$PY" -m benchmarks.run --device cuda --backbone efficientnet_lite0 --batch-sizes 1 8 32 --images 32 --repeats 3 \
   --ref-images 4 --markdown --markdown-file "$OUTDIR/run_cuda_effnet.md" --csv "$OUTDIR/run_cuda_effnet.csv" \
   --json "$OUTDIR/run_cuda_effnet.json" 2>&1 | tee "$OUTDIR/run_cuda_effnet.log" || status=1
+
+step "benchmarks.memory (CUDA, DINOv2 random weights: peak tensor memory per stage, batch 1 8 32)"
+"$PY" -m benchmarks.memory --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 --crf-labels 2 8 16 32 \
+  --json "$OUTDIR/memory_cuda_dinov2.json" --markdown-file "$OUTDIR/memory_cuda_dinov2.md" 2>&1 \
+  | tee "$OUTDIR/memory_cuda_dinov2.log" || status=1
 
 step "benchmarks.profile_gpu (batch 32, compile + bf16)"
 "$PY" -m benchmarks.profile_gpu --device cuda --batch-size 32 --compile --amp bf16 --out-dir "$OUTDIR" 2>&1 \

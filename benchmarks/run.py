@@ -201,20 +201,20 @@ class PeakMemory:
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS (process)"
 
     def __enter__(self) -> "PeakMemory":
-        gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            from .memory import TensorPeak
+
+            self._tp = TensorPeak(self.device).__enter__()
         else:
+            gc.collect()
             self._rss = PeakRSS().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.delta_mib = self.mib - self._base / 2**20
+            self._tp.__exit__(*exc)
+            self.delta_mib = self._tp.peak_bytes / 2**20
+            self.mib = (self._tp.base_bytes + self._tp.peak_bytes) / 2**20
         else:
             self._rss.__exit__(*exc)
             self.mib = self._rss.peak_mib

@@ -93,3 +93,40 @@ def test_profile_cpu_writes_trace(tmp_path) -> None:
         assert f"clasp/{stage}" in names
     assert set(out["backbone_ms_per_batch"]) == {"eager fp32", "eager bf16"}
     assert (tmp_path / "profile_summary.json").exists() and (tmp_path / "profile_ops.txt").exists()
+
+
+def test_tensor_peak_is_the_high_water_mark_of_live_tensor_bytes() -> None:
+    from benchmarks.memory import TensorPeak
+
+    a = torch.empty(1000, 1000)  # 4,000,000 B allocated before the block: not counted
+    with TensorPeak("cpu") as tp:
+        b = torch.empty(2000, 2000)  # 16,000,000 B, freed below
+        del b
+        c = torch.empty(500, 1000, dtype=torch.float64)  # 4,000,000 B
+        d = torch.empty(3000, 3000, dtype=torch.uint8)  # 9,000,000 B while c lives: 13,000,000
+        del a, c, d  # frees of the block (a's included) never raise the mark
+    assert 16_000_000 <= tp.peak_bytes < 16_000_000 + 4096
+    with TensorPeak("cpu") as tp2:
+        e = torch.empty(2000, 2000)
+        f = torch.empty(1000, 1000)  # 20,000,000 B live together
+        del e, f
+    assert 20_000_000 <= tp2.peak_bytes < 20_000_000 + 4096
+
+
+def test_memory_script_writes_rows_per_batch_size(tmp_path) -> None:
+    from benchmarks.memory import main
+
+    json_p, md_p = tmp_path / "mem.json", tmp_path / "mem.md"
+    out = main(["--device", "cpu", "--threads", "1", "--backbone", "efficientnet_lite0", "--batch-sizes", "1", "2",
+                "--size", "96", "64", "--n-init", "2", "--crf-labels", "2", "8", "--json", str(json_p), "--markdown-file", str(md_p)])
+    rows = json.loads(json_p.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2] == [r["batch_size"] for r in out["rows"]]
+    for r in rows:
+        # every stage allocates; the whole forward holds at least what its largest stage needs
+        # beyond the backbone features, and the CRF pass is part of the forward with CRF
+        assert min(r["backbone_mib"], r["cluster_features_mib"], r["crf_mib"]) > 0
+        assert r["forward_crf_mib"] >= r["crf_mib"] and r["forward_nocrf_mib"] >= r["backbone_mib"]
+    assert rows[1]["crf_mib"] > rows[0]["crf_mib"]  # two images hold more than one
+    assert "| batch |" in md_p.read_text()
+    sweep = out["crf_mib_per_image_by_labels"]
+    assert 0 < sweep[2] < sweep[8]  # the CRF's label buffers grow with the number of labels
