@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .run import describe, load_images, machine_description, thread_limits
+from .run import describe, write_outputs, load_images, machine_description, thread_limits
 
 
 class TensorPeak:
@@ -223,11 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    + ", ".join(f"C={c}: {v:.0f}" for c, v in sweep.items()))
         print(md)
         result = {"meta": meta, "rows": [asdict(r) for r in rows], "crf_mib_per_image_by_labels": sweep}
-        for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown_file, md)):
-            if path:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                with open(path, "w") as fh:
-                    fh.write(text + "\n")
+        write_outputs((args.json, json.dumps(result, indent=1)), (args.markdown_file, md))
         return result
 
 

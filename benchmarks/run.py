@@ -664,6 +664,15 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
     return payload
 
 
+def write_outputs(*pairs: tuple[str | None, str]) -> None:
+    """Write each ``(path, text)`` whose path is set, creating parent folders."""
+    for path, text in pairs:
+        if path:
+            _makedirs_for(path)
+            with open(path, "w") as fh:
+                fh.write(text + "\n")
+
+
 def _makedirs_for(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

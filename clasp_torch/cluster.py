@@ -181,6 +181,10 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
     x2b = x2_s.view(B, M, 1, N)
     ar_t = torch.arange(trials, device=dev).view(1, 1, 1, trials)
     cen_b = centres.view(B, M, I, C, D)
+    # the draws of every step at once (one hash instead of one per step: fewer kernel launches);
+    # u_all[..., c - 1, t] is the draw of centre c, trial t
+    u_all = hash_uniform(seed, k_s.view(B, M, 1, 1, 1), ar_i.view(1, 1, I, 1, 1),
+                         torch.arange(1, max(C, 2), device=dev).view(1, 1, 1, -1, 1), ar_t.view(1, 1, 1, 1, trials))
     for c in range(1, C):
         m = prefix[c - 1]  # the first m problems of every image still add a centre
         cl = closest[:, :m]  # (B, m, I, N), score space
@@ -188,7 +192,7 @@ def _kmeanspp(xi: Tensor, x2: Tensor, pmask: Tensor, img: Tensor, colmask: Tenso
         dist = (cl + x2c).clamp_min_(0)  # true squared distances
         pot = dist.sum(-1, keepdim=True)  # (B, m, I, 1)
         kc = k_s.view(B, M)[:, :m]
-        u = hash_uniform(seed, kc.reshape(B, m, 1, 1), ar_i.view(1, 1, I, 1), torch.full((1, 1, 1, 1), c, device=dev), ar_t)
+        u = u_all[:, :m, :, c - 1]  # (B, m, I, trials)
         cum = dist.cumsum(-1)
         target = u.to(dt) * pot  # (B, m, I, T)
         cand = torch.searchsorted(cum, target).clamp(max=N - 1)
@@ -304,7 +308,8 @@ def _check_settings(n_init: int, max_iter: int, check_every: int, seed: int, tol
 
 
 def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tensor, n_init: int, max_iter: int,
-                   tol: float | Tensor, seed: int, check_every: int) -> KMeansResult:
+                   tol: float | Tensor, seed: int, check_every: int,
+                   compact_below: float | None = None) -> KMeansResult:
     """k-means problems that live on shared images (validated inputs).
 
     Problem ``p`` clusters the real points of image ``img[p]`` of ``xi (B, N, D)`` (zero on
@@ -314,6 +319,12 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     Every Lloyd step computes the scores of all active restarts of an image in one GEMM (no
     per-restart copy of the points), and moves only the points that changed cluster between
     float64 cluster sums.
+
+    Converged restarts are frozen (their centres recorded) and dropped from the working arrays
+    once the live ones are at most ``compact_below`` of them: ``1.0`` drops them at once (least
+    work: the CPU default), ``0.5`` (the GPU default) lets frozen restarts ride along until half
+    are frozen, which saves the compaction's operator launches and host syncs at most
+    iterations. Frozen restarts never affect live ones, so the result does not depend on it.
     """
     B, N, D = xi.shape
     P = img.numel()
@@ -361,6 +372,10 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     sums_a = torch.zeros(Q, C, D + 1, dtype=acc, device=dev)  # float64 cluster sums, then counts
     bufs = _ScoreBuffers()
     groups = None
+    if compact_below is None:
+        compact_below = 1.0 if dev.type == "cpu" else 0.5
+    alive_a = torch.ones(Q, dtype=torch.bool, device=dev)
+    n_alive = Q
     it = 0
     for it in range(1, max_iter + 1):
         if groups is None:
@@ -383,17 +398,23 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
         shift = ((new - cen_a) ** 2).sum((-1, -2))  # (A,)
         cen_a = new
         if it % check_every == 0 or it == max_iter:
-            still = shift > tol_a
-            if not bool(still.all()):
-                done = ~still
-                centres[qa[done]] = cen_a[done]
-                if not bool(still.any()):
+            still = (shift > tol_a) & alive_a
+            n_still = int(still.sum())  # one host read answers "all?" and "any?"
+            if n_still < n_alive:
+                done = (alive_a & ~still).nonzero().squeeze(1)
+                centres.index_copy_(0, qa.index_select(0, done), cen_a.index_select(0, done))
+                if n_still == 0:
                     break
-                qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a = (
-                    t[still] for t in (qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a))
-                groups = None
+                alive_a, n_alive = still, n_still
+                if n_still <= compact_below * still.numel():
+                    keep = still.nonzero().squeeze(1)  # one sync, then index_select: no per-tensor mask sync
+                    qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, alive_a = (
+                        t.index_select(0, keep)
+                        for t in (qa, img_a, k_a, dims_a, pm_a, col_a, tol_a, cen_a, lab_a, sums_a, alive_a))
+                    groups = None
     else:
-        centres[qa] = cen_a
+        live = alive_a.nonzero().squeeze(1)
+        centres.index_copy_(0, qa.index_select(0, live), cen_a.index_select(0, live))
     # final assignment with the final centres of every restart (in K order, then back)
     lab_s, mind_s = _KGroups(q_k[q_order], q_dims[q_order], q_img[q_order], B, N).nearest(
         centres[q_order], xT, tie, bufs, with_min=True)

@@ -234,7 +234,7 @@ def build_lattice(
     packed = packed.t().reshape(-1)  # entry e = p*(d+1) + r
     if key_space < 2**31 and device.type == "cpu":
         packed = packed.to(torch.int32)  # sorting 32-bit keys is ~2x faster on CPU
-    sorted_keys, perm = torch.sort(packed)
+    sorted_keys, perm = torch.sort(packed, stable=True)  # equal keys keep point order: chunking-independent
     del packed
     E = sorted_keys.numel()
     is_new = torch.ones(E, dtype=torch.bool, device=device)
@@ -315,9 +315,37 @@ def _merge_lattices(lats: list[PermutohedralLattice]) -> PermutohedralLattice:
     )
 
 
-def _build_per_image(features: Tensor, counts: list[int]) -> PermutohedralLattice:
-    """One lattice per image (bounded temporary memory), merged; ``features`` is ``(P, d)`` grouped by image."""
-    lats = [build_lattice(f) for f in torch.split(features, counts) if f.shape[0] > 0]
+def _build_per_image(features: Tensor, counts: list[int], max_points: int = 0) -> PermutohedralLattice:
+    """The lattice of a batch whose images never share a vertex; ``features`` is ``(P, d)``
+    grouped by image, ``counts`` the points of each image.
+
+    Consecutive images are built together (image index in the vertex keys) while their points
+    sum to at most ``max_points``; each chunk's temporaries are freed before the next, and the
+    chunks are merged. ``max_points = 0``: one image per build (the least temporary memory;
+    the CPU default). Larger chunks launch ~480 fewer operators per image (the GPU default).
+    The result does not depend on the chunking: the image index is the most significant part of
+    the packed keys, so vertices come out in the same order.
+    """
+    chunks: list[list[int]] = []
+    for b, c in enumerate(counts):
+        if c == 0:
+            continue
+        if chunks and sum(counts[i] for i in chunks[-1]) + c <= max_points:
+            chunks[-1].append(b)
+        else:
+            chunks.append([b])
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    lats = []
+    for ch in chunks:
+        f = features[starts[ch[0]]:starts[ch[-1] + 1]]
+        if len(ch) == 1:
+            lats.append(build_lattice(f))
+        else:
+            local = torch.tensor([counts[i] for i in ch], device=features.device)
+            bi = torch.repeat_interleave(torch.arange(len(ch), device=features.device), local, output_size=f.shape[0])
+            lats.append(build_lattice(f, bi))
     return _merge_lattices(lats)
 
 
@@ -611,6 +639,7 @@ def dense_crf(
     mask: Tensor | None = None,
     label_mask: Tensor | None = None,
     gaussian_mode: Literal["lattice", "conv"] = "lattice",
+    lattice_chunk_points: int | None = None,
 ) -> Tensor:
     """Mean-field inference of a fully connected CRF (pydensecrf semantics).
 
@@ -631,6 +660,10 @@ def dense_crf(
         label_mask: optional ``(B, C)`` bool mask of valid labels per image.
         gaussian_mode: ``"lattice"`` (densecrf's approximation, default) or ``"conv"``
             (exact separable Gaussian convolution, truncated at 4 sigma).
+        lattice_chunk_points: images are put in one lattice build while their valid pixels sum
+            to at most this (``0``: one build per image). ``None``: ``2**22`` on CUDA (a batch
+            of 32 640x480 images in 3 builds: fewer kernel launches), ``0`` elsewhere (the least
+            temporary memory). The result does not depend on it.
 
     Returns:
         ``(B, C, H, W)`` probabilities ``Q`` in the dtype of ``unary``; zero at invalid
@@ -687,6 +720,7 @@ def dense_crf(
         bidx, minlength=B
     ).tolist()  # valid pixels per image (bidx is sorted)
 
+    chunk = (2**22 if device.type == "cuda" else 0) if lattice_chunk_points is None else int(lattice_chunk_points)
     use_g = compat_gaussian != 0 and n_iter > 0
     use_b = compat_bilateral != 0 and n_iter > 0
     use_conv = use_g and gaussian_mode == "conv"
@@ -715,7 +749,7 @@ def dense_crf(
             )
             if not all_valid:
                 fg = fg.index_select(0, pix)
-            lat = _build_per_image(fg, counts)
+            lat = _build_per_image(fg, counts, chunk)
             del fg
             lattices.append(lat)
             compats.append(float(compat_gaussian))
@@ -729,7 +763,7 @@ def dense_crf(
             del rgb
             if not all_valid:
                 fb = fb.index_select(0, pix)
-            lat = _build_per_image(fb, counts)
+            lat = _build_per_image(fb, counts, chunk)
             del fb
             lattices.append(lat)
             compats.append(float(compat_bilateral))
@@ -899,6 +933,7 @@ class DenseCRF(nn.Module):
         n_labels: int | None = None,
         clip: float = 1e-5,
         gaussian_mode: Literal["lattice", "conv"] = "lattice",
+        lattice_chunk_points: int | None = None,
     ) -> None:
         super().__init__()
         self.n_iter = n_iter
@@ -911,6 +946,7 @@ class DenseCRF(nn.Module):
         self.n_labels = n_labels
         self.clip = clip
         self.gaussian_mode = gaussian_mode
+        self.lattice_chunk_points = lattice_chunk_points
 
     def forward(
         self,
@@ -943,6 +979,7 @@ class DenseCRF(nn.Module):
             mask=mask,
             label_mask=label_mask,
             gaussian_mode=self.gaussian_mode,
+            lattice_chunk_points=self.lattice_chunk_points,
         )
 
     def extra_repr(self) -> str:

@@ -130,3 +130,33 @@ def test_memory_script_writes_rows_per_batch_size(tmp_path) -> None:
     assert "| batch |" in md_p.read_text()
     sweep = out["crf_mib_per_image_by_labels"]
     assert 0 < sweep[2] < sweep[8]  # the CRF's label buffers grow with the number of labels
+
+
+def test_op_counter_counts_kernels_and_host_syncs() -> None:
+    from benchmarks.launches import count_ops
+
+    x = torch.arange(12.0).view(3, 4)
+    with count_ops() as c:
+        y = x.t()  # a view: no kernel
+        z = x + 1  # 1 kernel
+        z.mul_(2)  # 1 kernel
+        _ = x[x > 3]  # gt + boolean index (a sync on CUDA)
+        _ = int(z.sum())  # sum + scalar read (a sync)
+        _ = y.tolist()  # a device-to-host copy (a sync)
+        _ = torch.repeat_interleave(torch.tensor([1, 2]), 2, output_size=4)  # known size: no sync
+    assert c.kernels == 6, c.by_op  # add, mul_, gt, index, sum, repeat_interleave
+    assert c.syncs == 3, c.sync_by_op
+    assert c.sync_by_op == {"index": 1, "_local_scalar_dense": 1, "tolist": 1}
+
+
+def test_launches_script_counts_every_stage(tmp_path) -> None:
+    from benchmarks.launches import main
+
+    json_p = tmp_path / "launches.json"
+    out = main(["--backbone", "efficientnet_lite0", "--batch-sizes", "1", "2", "--size", "96", "64", "--threads", "1",
+                "--json", str(json_p)])
+    rows = out["rows"]
+    assert set(rows) == {"1", "2"} and json.loads(json_p.read_text())["host_us_per_op"] > 0
+    for r in rows.values():
+        assert {"backbone", "cluster_features", "kmeans", "silhouette", "crf"} <= set(r)
+        assert all(v["kernels"] > 0 for v in r.values())

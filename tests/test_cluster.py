@@ -240,3 +240,33 @@ def test_select_k_batch_with_very_different_bands_equals_single_images() -> None
         kc = batch.k_values
         sel = (kc >= lo[i]) & (kc <= hi[i])
         torch.testing.assert_close(one.scores[0], batch.scores[i, sel.nonzero()[0, 0] : sel.nonzero()[-1, 0] + 1])
+
+
+@pytest.mark.parametrize("n_init, max_iter, tol", [(10, 300, 1e-4), (1, 6, 0.05)])
+@pytest.mark.parametrize("compact_below", [0.5, 0.0])
+def test_kmeans_frozen_restarts_do_not_change_results(compact_below: float, n_init: int, max_iter: int,
+                                                      tol: float) -> None:
+    """Converged restarts kept in the working arrays (the GPU policy: compaction only once half or
+    none are live) give exactly the results of dropping them at once (the CPU policy). The loose
+    tolerance with few iterations freezes restarts whose labels still move and ends on max_iter;
+    one restart per problem makes every restart's centres part of the result."""
+    from benchmarks.run import problems_of
+    from clasp_torch.cluster import _kmeans_images
+
+    g = torch.Generator().manual_seed(5)
+    B, N, D = 3, 150, 6
+    centres = torch.randn(B, 7, D, generator=g) * 3
+    X = centres.gather(1, torch.randint(0, 7, (B, N, 1), generator=g).expand(B, N, D)) + torch.randn(B, N, D, generator=g)
+    M = torch.ones(B, N, dtype=torch.bool)
+    M[1, 120:] = False
+    spec = spectral_decomposition(X, M)
+    lo = torch.tensor([2, 3, 4])
+    hi = torch.tensor([9, 5, 7])
+    prob = problems_of(spec.eigenvectors, M, lo, hi)
+    args = (prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], prob["k"], n_init, max_iter, tol, 0, 1)
+    ref = _kmeans_images(*args, compact_below=1.0)
+    out = _kmeans_images(*args, compact_below=compact_below)
+    assert torch.equal(out.labels, ref.labels)
+    assert torch.equal(out.centers, ref.centers)
+    assert torch.equal(out.inertia, ref.inertia)
+    assert out.n_iter == ref.n_iter

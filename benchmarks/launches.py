@@ -1,0 +1,197 @@
+"""Kernel launches and host syncs of each CLASP stage per batch: how launch-bound a GPU run will be.
+
+    python -m benchmarks.launches --backbone dinov2_vits14_reg --batch-sizes 1 8 32
+
+Eager PyTorch on a GPU pays a host-side cost for every operator (Python + dispatcher + launch, a few
+microseconds) and stalls the host at every operation whose result the host must read (``.item()``,
+``int(t)``, ``if t.any()``, ``.tolist()``, ``nonzero``, boolean indexing, ``unique``,
+``repeat_interleave`` without ``output_size``, ``bincount``). Small-tensor stages (the eigengap elbow,
+k-means, the silhouette) can therefore be bound by the *number* of operators, not by FLOPs. These
+counts do not depend on the device, so a CPU run tells what a GPU run will face:
+
+* ``kernels``: ATen operators that launch work (views, ``empty*`` and scalar reads excluded),
+  counted with a ``TorchDispatchMode`` while the stage runs (the stage decomposition of
+  ``benchmarks/run.py``: backbone, affinity+eigen, elbow, kmeans, silhouette, select, crf);
+* ``syncs``: operations that make a CUDA host wait for the device (the list above);
+Defaults count what a GPU run does: the CRF builds its lattices in chunks of ``2**22`` points and
+k-means compacts its working arrays only when half the restarts have converged (the CUDA defaults;
+``--lattice-chunk-points 0 --compact-below 1`` counts the CPU's).
+
+* ``host_us_per_op``: this machine's measured eager cost of one small operator (median over a
+  loop of ``add`` on 1000-element tensors), and ``launch_floor_ms = kernels × host_us_per_op``:
+  a lower bound on the stage's time on any GPU driven by a host like this one, however fast the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .run import STAGES, describe, write_outputs, load_images, machine_description, run_stages, thread_limits
+
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
+              "set_", "resize_", "_to_copy_noop"}
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+             "unique_consecutive", "bincount", "nonzero_static_noop"}
+
+
+def _op_name(func: Any) -> str:
+    return func._schema.name.split("::")[-1]
+
+
+def is_sync(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """True when ``func(*args, **kwargs)`` needs a device result on the host (on CUDA)."""
+    name = _op_name(func)
+    if name in _SYNC_OPS:
+        return True
+    if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None:
+        return len(args) < 3 or args[2] is None  # (repeats, dim?, output_size?) / (self, repeats, dim, output_size)
+    if name in ("index", "index_put", "index_put_") and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    return False
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts kernel-launching ATen operators and host syncs (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.syncs = 0
+        self.by_op: Counter[str] = Counter()
+        self.sync_by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = _op_name(func)
+        if not func.is_view and name not in _NO_KERNEL:
+            self.kernels += 1
+            self.by_op[name] += 1
+        if is_sync(func, args, kwargs):
+            self.syncs += 1
+            self.sync_by_op[name] += 1
+        return func(*args, **kwargs)
+
+
+class _HostReads(TorchFunctionMode):
+    """``Tensor.tolist`` / ``.cpu()`` / ``.numpy()``: device-to-host copies not visible as ATen ops on a CPU."""
+
+    def __init__(self, counter: OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy):
+            self.counter.syncs += 1
+            self.counter.sync_by_op[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_ops() -> Iterator[OpCounter]:
+    """``with count_ops() as c: ...`` then ``c.kernels``, ``c.syncs``, ``c.by_op``, ``c.sync_by_op``."""
+    c = OpCounter()
+    with _HostReads(c), c:
+        yield c
+
+
+def host_us_per_op(n: int = 2000) -> float:
+    """Median microseconds of one eager ``torch.add`` on 1000-element tensors (this host's per-op cost)."""
+    a, b = torch.ones(1000), torch.ones(1000)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.add(a, b)
+        ts.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(ts)
+
+
+def stage_counts(model: Any, imgs: list[torch.Tensor], device: torch.device) -> dict[str, dict[str, Any]]:
+    """Kernel and sync counts of each stage of ``benchmarks.run.run_stages`` on one batch."""
+    counters: dict[str, OpCounter] = {}
+
+    @contextlib.contextmanager
+    def label(name: str) -> Iterator[None]:
+        with count_ops() as c:
+            yield
+        counters[name] = c
+
+    run_stages(model, imgs, device, label=label)
+    return {s: {"kernels": c.kernels, "syncs": c.syncs, "top_ops": dict(c.by_op.most_common(6)),
+                "sync_ops": dict(c.sync_by_op.most_common())} for s, c in counters.items()}
+
+
+def markdown(rows: dict[int, dict[str, dict[str, Any]]], us_per_op: float, meta: dict[str, Any]) -> str:
+    stages = [s for s in (*STAGES, "cluster_features") if any(s in r for r in rows.values())]
+    lines = [f"Kernels launched / host syncs per batch, backbone `{meta['backbone']}`, {meta['size'][0]}x{meta['size'][1]}; "
+             f"host cost of one small op here: {us_per_op:.1f} µs; {describe(meta['machine'])}.", "",
+             "| batch | " + " | ".join(stages) + " | launch floor of cluster_features (ms per image) |",
+             "|---:|" + "---:|" * (len(stages) + 1)]
+    for bs, r in rows.items():
+        cells = [f"{r[s]['kernels']} / {r[s]['syncs']}" if s in r else "-" for s in stages]
+        floor = r["cluster_features"]["kernels"] * us_per_op / 1000 / bs if "cluster_features" in r else float("nan")
+        lines.append(f"| {bs} | " + " | ".join(cells) + f" | {floor:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backbone", default="dinov2_vits14_reg")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"))
+    ap.add_argument("--image-dir", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lattice-chunk-points", type=int, default=2**22,
+                    help="CRF lattice build chunk (default: the CUDA default, so the counts are a GPU run's)")
+    ap.add_argument("--compact-below", type=float, default=0.5,
+                    help="k-means compaction policy (default: the CUDA default 0.5; the CPU's is 1.0)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown-file", default=None)
+    args = ap.parse_args(argv)
+    from clasp_torch.pipeline import CLASP
+
+    device = torch.device(args.device)
+    with thread_limits(args.threads):
+        pretrained = not args.backbone.startswith("dinov2")
+        torch.manual_seed(0)
+        model = CLASP(args.backbone, pretrained=pretrained,
+                      crf_params={"lattice_chunk_points": args.lattice_chunk_points}).to(device).eval()
+        imgs_all, source = load_images(max(args.batch_sizes), tuple(args.size), args.image_dir)
+        imgs_all = [im.to(device) for im in imgs_all]
+        meta = {"device": str(device), "backbone": args.backbone, "size": list(args.size), "source": source,
+                "lattice_chunk_points": args.lattice_chunk_points, "compact_below": args.compact_below,
+                "machine": machine_description(device), "argv": sys.argv[1:] if argv is None else argv}
+        us = host_us_per_op()
+        rows: dict[int, dict[str, dict[str, Any]]] = {}
+        from clasp_torch import cluster
+
+        # the device picks the policy inside _kmeans_images; pin the one asked for
+        policy = functools.partial(cluster._kmeans_images, compact_below=args.compact_below)
+        for bs in args.batch_sizes:
+            with mock.patch.object(cluster, "_kmeans_images", policy):
+                rows[bs] = stage_counts(model, imgs_all[:bs], device)
+            print(f"batch {bs}: " + ", ".join(f"{s} {v['kernels']}/{v['syncs']}" for s, v in rows[bs].items()), flush=True)
+        md = markdown(rows, us, meta)
+        print(md)
+        result = {"meta": meta, "host_us_per_op": us, "rows": {str(k): v for k, v in rows.items()}}
+        write_outputs((args.json, json.dumps(result, indent=1)), (args.markdown_file, md))
+        return result
+
+
+if __name__ == "__main__":
+    main()
