@@ -11,8 +11,9 @@
 #    peak GPU memory at batch 32), plus the literal CPU reference on the same features,
 # 4. the same with bf16 autocast for the backbone,
 # 5. benchmarks.memory: peak GPU memory of each stage and of the forward at batch 1 8 32,
-# 6. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
-# 7. benchmarks.scaling on CUDA,
+# 6. benchmarks.launches: kernels launched and host syncs per stage at batch 1 8 32,
+# 7. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
+# 8. benchmarks.scaling on CUDA,
 # and writes every log / CSV / JSON / markdown / trace / plot into $OUT if set (else benchmarks/out).
 #
 # Targets (H100, batch 32, 640x480, DINOv2 ViT-S/14-reg): >= 200 images/s with CRF, >= 500 without,
@@ -63,6 +64,11 @@ step "benchmarks.memory (CUDA, DINOv2 random weights: peak tensor memory per sta
 "$PY" -m benchmarks.memory --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 --crf-labels 2 8 16 32 \
   --json "$OUTDIR/memory_cuda_dinov2.json" --markdown-file "$OUTDIR/memory_cuda_dinov2.md" 2>&1 \
   | tee "$OUTDIR/memory_cuda_dinov2.log" || status=1
+
+step "benchmarks.launches (CUDA: kernels and host syncs per stage, batch 1 8 32)"
+"$PY" -m benchmarks.launches --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 \
+  --json "$OUTDIR/launches_cuda_dinov2.json" --markdown-file "$OUTDIR/launches_cuda_dinov2.md" 2>&1 \
+  | tee "$OUTDIR/launches_cuda_dinov2.log" || status=1
 
 step "benchmarks.profile_gpu (batch 32, compile + bf16)"
 "$PY" -m benchmarks.profile_gpu --device cuda --batch-size 32 --compile --amp bf16 --out-dir "$OUTDIR" 2>&1 \

@@ -108,14 +108,21 @@ def count_ops() -> Iterator[OpCounter]:
         yield c
 
 
-def host_us_per_op(n: int = 2000) -> float:
-    """Median microseconds of one eager ``torch.add`` on 1000-element tensors (this host's per-op cost)."""
-    a, b = torch.ones(1000), torch.ones(1000)
+def host_us_per_op(device: torch.device | str = "cpu", n: int = 2000) -> float:
+    """Median microseconds of one eager ``torch.add`` on 1000-element tensors of ``device``, in a
+    loop of ``n`` (on CUDA: launches queued back to back, one synchronize per loop), i.e. the
+    rate at which this host issues small operators."""
+    device = torch.device(device)
+    a, b = torch.ones(1000, device=device), torch.ones(1000, device=device)
     ts = []
     for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(n):
             torch.add(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         ts.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(ts)
 
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         meta = {"device": str(device), "backbone": args.backbone, "size": list(args.size), "source": source,
                 "lattice_chunk_points": args.lattice_chunk_points, "compact_below": args.compact_below,
                 "machine": machine_description(device), "argv": sys.argv[1:] if argv is None else argv}
-        us = host_us_per_op()
+        us = host_us_per_op(device)
         rows: dict[int, dict[str, dict[str, Any]]] = {}
         from clasp_torch import cluster
 
