@@ -243,13 +243,14 @@ def test_select_k_batch_with_very_different_bands_equals_single_images() -> None
 
 
 @pytest.mark.parametrize("n_init, max_iter, tol", [(10, 300, 1e-4), (1, 6, 0.05)])
-@pytest.mark.parametrize("compact_below", [0.5, 0.0])
-def test_kmeans_frozen_restarts_do_not_change_results(compact_below: float, n_init: int, max_iter: int,
-                                                      tol: float) -> None:
-    """Converged restarts kept in the working arrays (the GPU policy: compaction only once half or
-    none are live) give exactly the results of dropping them at once (the CPU policy). The loose
-    tolerance with few iterations freezes restarts whose labels still move and ends on max_iter;
-    one restart per problem makes every restart's centres part of the result."""
+@pytest.mark.parametrize("compact_below, max_groups", [(0.5, 1), (0.0, 3), (1.0, 1)])
+def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_groups: int, n_init: int,
+                                                   max_iter: int, tol: float) -> None:
+    """The GPU policies give exactly the results of the CPU's (compaction as soon as a restart
+    converges, up to 3 K groups): converged restarts kept frozen in the working arrays until half
+    or none are live, and all K scored as one group. The loose tolerance with few iterations
+    freezes restarts whose labels still move and ends on max_iter; one restart per problem makes
+    every restart's centres part of the result."""
     from benchmarks.run import problems_of
     from clasp_torch.cluster import _kmeans_images
 
@@ -264,8 +265,8 @@ def test_kmeans_frozen_restarts_do_not_change_results(compact_below: float, n_in
     hi = torch.tensor([9, 5, 7])
     prob = problems_of(spec.eigenvectors, M, lo, hi)
     args = (prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], prob["k"], n_init, max_iter, tol, 0, 1)
-    ref = _kmeans_images(*args, compact_below=1.0)
-    out = _kmeans_images(*args, compact_below=compact_below)
+    ref = _kmeans_images(*args, compact_below=1.0, max_groups=3)
+    out = _kmeans_images(*args, compact_below=compact_below, max_groups=max_groups)
     assert torch.equal(out.labels, ref.labels)
     assert torch.equal(out.centers, ref.centers)
     assert torch.equal(out.inertia, ref.inertia)
