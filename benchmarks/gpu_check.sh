@@ -94,6 +94,20 @@ for name in ("run_cuda_dinov2.json", "run_cuda_dinov2_bf16.json"):
               f"{'OK' if r['images_per_s_crf'] >= 200 else 'MISS'}; without CRF {r['images_per_s_nocrf']:.0f} img/s "
               f"(target >= 500) {'OK' if r['images_per_s_nocrf'] >= 500 else 'MISS'}; peak {peak_gb:.2f} GB "
               f"(target <= 8) {'OK' if peak_gb <= 8 else 'MISS'}")
+p = os.path.join(out, "memory_cuda_dinov2.json")
+if os.path.exists(p):
+    for r in json.load(open(p))["rows"]:
+        print(f"memory, batch {r['batch_size']}: forward with CRF {r['forward_crf_mib']:.0f} MiB, without "
+              f"{r['forward_nocrf_mib']:.0f} MiB (backbone {r['backbone_mib']:.0f}, clustering "
+              f"{r['cluster_features_mib']:.0f}, CRF {r['crf_mib']:.0f})")
+p = os.path.join(out, "launches_cuda_dinov2.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    for bs, r in d["rows"].items():
+        k = sum(v["kernels"] for s, v in r.items() if s in ("backbone", "cluster_features", "crf"))
+        n = sum(v["syncs"] for s, v in r.items() if s in ("backbone", "cluster_features", "crf"))
+        print(f"launches, batch {bs}: {k} kernels, {n} syncs; at {d['host_us_per_op']:.1f} us per launch "
+              f"(measured) >= {k * d['host_us_per_op'] / 1000 / int(bs):.2f} ms per image of launch time")
 EOF
 echo "outputs in $OUTDIR (exit status $status)"
 exit $status
