@@ -15,8 +15,9 @@ counts do not depend on the device, so a CPU run tells what a GPU run will face:
 * ``syncs``: operations that make a CUDA host wait for the device (the list above);
 Defaults count what a GPU run does: the CRF builds its lattices in chunks of ``2**22`` points and
 k-means compacts its working arrays only when half the restarts have converged and scores all K
-as one group (the CUDA defaults; ``--lattice-chunk-points 0 --compact-below 1 --k-groups 3`` counts
-the CPU's).
+as one group, the silhouette uses blocks of ``2**27`` elements (the CUDA defaults of
+``clasp_torch.cluster.cluster_policy``; ``--lattice-chunk-points 0 --compact-below 1 --k-groups 3
+--silhouette-block 33554432`` counts the CPU's).
 
 * ``host_us_per_op``: this machine's measured eager cost of one small operator (median over a
   loop of ``add`` on 1000-element tensors), and ``launch_floor_ms = kernels × host_us_per_op``:
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import statistics
 import sys
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="k-means compaction policy (default: the CUDA default 0.5; the CPU's is 1.0)")
     ap.add_argument("--k-groups", type=int, default=1,
                     help="k-means K groups scored separately (default: the CUDA default 1; the CPU's is 3)")
+    ap.add_argument("--silhouette-block", type=int, default=2**27,
+                    help="silhouette block elements (default: the CUDA default 2**27; the CPU's is 2**25)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown-file", default=None)
     args = ap.parse_args(argv)
@@ -185,17 +187,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         imgs_all = [im.to(device) for im in imgs_all]
         meta = {"device": str(device), "backbone": args.backbone, "size": list(args.size), "source": source,
                 "lattice_chunk_points": args.lattice_chunk_points, "compact_below": args.compact_below,
-                "k_groups": args.k_groups,
+                "k_groups": args.k_groups, "silhouette_block": args.silhouette_block,
                 "machine": machine_description(device), "argv": sys.argv[1:] if argv is None else argv}
         us = host_us_per_op(device)
         rows: dict[int, dict[str, dict[str, Any]]] = {}
         from clasp_torch import cluster
 
-        # the device picks the policy inside _kmeans_images; pin the one asked for
-        policy = functools.partial(cluster._kmeans_images, compact_below=args.compact_below,
-                                   max_groups=args.k_groups)
+        # the clustering stage asks cluster_policy(device); pin the one asked for
+        policy = cluster.ClusterPolicy(compact_below=args.compact_below, max_groups=args.k_groups,
+                                       max_block_elements=args.silhouette_block)
         for bs in args.batch_sizes:
-            with mock.patch.object(cluster, "_kmeans_images", policy):
+            with mock.patch.object(cluster, "cluster_policy", lambda _device: policy):
                 rows[bs] = stage_counts(model, imgs_all[:bs], device)
             print(f"batch {bs}: " + ", ".join(f"{s} {v['kernels']}/{v['syncs']}" for s, v in rows[bs].items()), flush=True)
         md = markdown(rows, us, meta)

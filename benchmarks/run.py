@@ -283,10 +283,11 @@ def kmeans_of(prob: dict[str, Any], n_init: int = 10, max_iter: int = 300, tol: 
 
 def silhouette_of(prob: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
     """Mean silhouette of every problem, the call ``select_k`` makes: ``(P,)``."""
-    from clasp_torch.cluster import _mean_silhouette, _silhouette_images
+    from clasp_torch.cluster import _mean_silhouette, _silhouette_images, cluster_policy
 
     C = int(prob["k"].max())
-    s = _silhouette_images(prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], labels, C, 2**25)
+    block = cluster_policy(prob["emb"].device).max_block_elements
+    s = _silhouette_images(prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], labels, C, block)
     return _mean_silhouette(s, labels, C, prob["mask"])
 
 

@@ -307,6 +307,32 @@ def _check_settings(n_init: int, max_iter: int, check_every: int, seed: int, tol
     return n_init, max_iter, check_every, seed, float(tol)
 
 
+@dataclass(frozen=True)
+class ClusterPolicy:
+    """Device-dependent cost choices of the clustering stage; no result depends on them.
+
+    Attributes:
+        compact_below: converged k-means restarts leave the working arrays once the live ones
+            are at most this fraction of them (1.0: at once).
+        max_groups: K groups whose restarts are scored separately (see :class:`_KGroups`).
+        max_block_elements: elements of one silhouette distance block.
+    """
+
+    compact_below: float
+    max_groups: int
+    max_block_elements: int
+
+
+def cluster_policy(device: torch.device) -> ClusterPolicy:
+    """The policy for ``device``: a CPU is bound by arithmetic (compact at once, 3 K groups, 2**25
+    block elements); a GPU by operator launches and host syncs (compact when half are live, one
+    K group, 2**27 block elements: a batch of 32 images of ~1500 patches in one block).
+    ``benchmarks/launches.py`` counts both."""
+    if device.type == "cpu":
+        return ClusterPolicy(compact_below=1.0, max_groups=3, max_block_elements=2**25)
+    return ClusterPolicy(compact_below=0.5, max_groups=1, max_block_elements=2**27)
+
+
 def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tensor, n_init: int, max_iter: int,
                    tol: float | Tensor, seed: int, check_every: int,
                    compact_below: float | None = None, max_groups: int | None = None) -> KMeansResult:
@@ -327,7 +353,7 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     iterations. Frozen restarts never affect live ones, so the result does not depend on it.
     ``max_groups`` caps the K groups scored separately (see :class:`_KGroups`): 3 on the CPU
     (less padding work), 1 on a GPU (one GEMM and one argmin per step: fewer launches). The
-    result does not depend on it either.
+    result does not depend on it either. ``None``: :func:`cluster_policy` of the device.
     """
     B, N, D = xi.shape
     P = img.numel()
@@ -375,10 +401,9 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     sums_a = torch.zeros(Q, C, D + 1, dtype=acc, device=dev)  # float64 cluster sums, then counts
     bufs = _ScoreBuffers()
     groups = None
-    if compact_below is None:
-        compact_below = 1.0 if dev.type == "cpu" else 0.5
-    if max_groups is None:
-        max_groups = 3 if dev.type == "cpu" else 1
+    policy = cluster_policy(dev)
+    compact_below = policy.compact_below if compact_below is None else compact_below
+    max_groups = policy.max_groups if max_groups is None else max_groups
     alive_a = torch.ones(Q, dtype=torch.bool, device=dev)
     n_alive = Q
     it = 0
@@ -871,7 +896,7 @@ def select_k(
     tol: float = 1e-4,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    max_block_elements: int = 2**25,
+    max_block_elements: int | None = None,
     max_problems: int | None = None,
 ) -> ClusterSelection:
     """Run k-means for every K of every image's band at once and keep the best silhouette.
@@ -882,7 +907,9 @@ def select_k(
         k_lo, k_hi: ``(B,)`` inclusive K band; ``k_hi < k_lo`` gives a single segment.
         n_init, max_iter, tol, seed: k-means settings (see :func:`kmeans`).
         dtype: compute dtype of k-means and silhouette (float32; float64 for exactness tests).
-        max_block_elements: memory bound of the silhouette's distance blocks.
+        max_block_elements: memory bound of the silhouette's distance blocks (elements of one
+            ``(images, N, rows)`` block). ``None``: :func:`cluster_policy` (``2**25`` on the
+            CPU, ``2**27`` elsewhere); the silhouettes do not depend on it.
         max_problems: process at most this many (image, K) problems at once (memory bound);
             default: all at once.
 
@@ -895,6 +922,8 @@ def select_k(
         raise ValueError(f"embedding must be a floating-point tensor, got dtype {embedding.dtype}")
     B, N, M = embedding.shape
     dev = embedding.device
+    if max_block_elements is None:
+        max_block_elements = cluster_policy(dev).max_block_elements
     if mask.shape != (B, N):
         raise ValueError(f"mask must have shape (B, N) = {(B, N)}, got {tuple(mask.shape)}")
     mask = mask.to(device=dev, dtype=torch.bool)

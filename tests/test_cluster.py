@@ -271,3 +271,24 @@ def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_gro
     assert torch.equal(out.centers, ref.centers)
     assert torch.equal(out.inertia, ref.inertia)
     assert out.n_iter == ref.n_iter
+
+
+def test_select_k_gives_the_same_answer_under_every_device_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """select_k under the GPU policy (and a tiny silhouette block: several image blocks) equals the
+    CPU policy's labels, K and silhouettes bit for bit."""
+    from clasp_torch import cluster
+
+    g = torch.Generator().manual_seed(11)
+    B, N, D = 4, 120, 5
+    centres = torch.randn(B, 6, D, generator=g) * 3
+    X = centres.gather(1, torch.randint(0, 6, (B, N, 1), generator=g).expand(B, N, D)) + torch.randn(B, N, D, generator=g)
+    M = torch.ones(B, N, dtype=torch.bool)
+    M[2, 90:] = False
+    spec = spectral_decomposition(X, M)
+    lo, hi = k_band(eigengap_elbow(spec.eigenvalues, spec.n), spec.n)
+    ref = select_k(spec.eigenvectors, M, lo, hi, n_init=4)
+    for policy in (cluster.ClusterPolicy(0.5, 1, 2**27), cluster.ClusterPolicy(0.0, 2, N * N)):
+        monkeypatch.setattr(cluster, "cluster_policy", lambda _device, p=policy: p)
+        out = select_k(spec.eigenvectors, M, lo, hi, n_init=4)
+        assert torch.equal(out.labels, ref.labels) and torch.equal(out.k, ref.k)
+        assert torch.equal(out.scores.nan_to_num(-9.0), ref.scores.nan_to_num(-9.0))
