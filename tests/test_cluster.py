@@ -242,6 +242,18 @@ def test_select_k_batch_with_very_different_bands_equals_single_images() -> None
         torch.testing.assert_close(one.scores[0], batch.scores[i, sel.nonzero()[0, 0] : sel.nonzero()[-1, 0] + 1])
 
 
+def _blob_spectra(seed: int, B: int, N: int, D: int, n_blobs: int, short: tuple[int, int]):
+    """Spectral decomposition of ``B`` images of ``N`` points around ``n_blobs`` Gaussian blobs in
+    ``D`` dims; image ``short[0]`` has only ``short[1]`` real points. Returns ``(spec, mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(B, n_blobs, D, generator=g) * 3
+    pick = torch.randint(0, n_blobs, (B, N, 1), generator=g).expand(B, N, D)
+    X = centres.gather(1, pick) + torch.randn(B, N, D, generator=g)
+    M = torch.ones(B, N, dtype=torch.bool)
+    M[short[0], short[1]:] = False
+    return spectral_decomposition(X, M), M
+
+
 @pytest.mark.parametrize("n_init, max_iter, tol", [(10, 300, 1e-4), (1, 6, 0.05)])
 @pytest.mark.parametrize("compact_below, max_groups", [(0.5, 1), (0.0, 3), (1.0, 1)])
 def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_groups: int, n_init: int,
@@ -254,13 +266,7 @@ def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_gro
     from benchmarks.run import problems_of
     from clasp_torch.cluster import _kmeans_images
 
-    g = torch.Generator().manual_seed(5)
-    B, N, D = 3, 150, 6
-    centres = torch.randn(B, 7, D, generator=g) * 3
-    X = centres.gather(1, torch.randint(0, 7, (B, N, 1), generator=g).expand(B, N, D)) + torch.randn(B, N, D, generator=g)
-    M = torch.ones(B, N, dtype=torch.bool)
-    M[1, 120:] = False
-    spec = spectral_decomposition(X, M)
+    spec, M = _blob_spectra(seed=5, B=3, N=150, D=6, n_blobs=7, short=(1, 120))
     lo = torch.tensor([2, 3, 4])
     hi = torch.tensor([9, 5, 7])
     prob = problems_of(spec.eigenvectors, M, lo, hi)
@@ -278,13 +284,8 @@ def test_select_k_gives_the_same_answer_under_every_device_policy(monkeypatch: p
     CPU policy's labels, K and silhouettes bit for bit."""
     from clasp_torch import cluster
 
-    g = torch.Generator().manual_seed(11)
-    B, N, D = 4, 120, 5
-    centres = torch.randn(B, 6, D, generator=g) * 3
-    X = centres.gather(1, torch.randint(0, 6, (B, N, 1), generator=g).expand(B, N, D)) + torch.randn(B, N, D, generator=g)
-    M = torch.ones(B, N, dtype=torch.bool)
-    M[2, 90:] = False
-    spec = spectral_decomposition(X, M)
+    N = 120
+    spec, M = _blob_spectra(seed=11, B=4, N=N, D=5, n_blobs=6, short=(2, 90))
     lo, hi = k_band(eigengap_elbow(spec.eigenvalues, spec.n), spec.n)
     ref = select_k(spec.eigenvectors, M, lo, hi, n_init=4)
     for policy in (cluster.ClusterPolicy(0.5, 1, 2**27), cluster.ClusterPolicy(0.0, 2, N * N)):
