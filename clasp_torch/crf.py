@@ -661,9 +661,9 @@ def dense_crf(
         gaussian_mode: ``"lattice"`` (densecrf's approximation, default) or ``"conv"``
             (exact separable Gaussian convolution, truncated at 4 sigma).
         lattice_chunk_points: images are put in one lattice build while their valid pixels sum
-            to at most this (``0``: one build per image). ``None``: ``2**22`` on CUDA (a batch
-            of 32 640x480 images in 3 builds: fewer kernel launches), ``0`` elsewhere (the least
-            temporary memory). The result does not depend on it.
+            to at most this (``0``: one build per image). ``None``: ``0`` on the CPU (the least
+            temporary memory), ``2**22`` on a GPU (a batch of 32 640x480 images in 3 builds:
+            fewer kernel launches). The result does not depend on it.
 
     Returns:
         ``(B, C, H, W)`` probabilities ``Q`` in the dtype of ``unary``; zero at invalid
@@ -720,7 +720,7 @@ def dense_crf(
         bidx, minlength=B
     ).tolist()  # valid pixels per image (bidx is sorted)
 
-    chunk = (2**22 if device.type == "cuda" else 0) if lattice_chunk_points is None else int(lattice_chunk_points)
+    chunk = (0 if device.type == "cpu" else 2**22) if lattice_chunk_points is None else int(lattice_chunk_points)
     use_g = compat_gaussian != 0 and n_iter > 0
     use_b = compat_bilateral != 0 and n_iter > 0
     use_conv = use_g and gaussian_mode == "conv"
