@@ -35,13 +35,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .run import STAGES, describe, write_outputs, load_images, machine_description, run_stages, thread_limits
+from .run import STAGES, describe, pinned_cluster_policy, write_outputs, load_images, machine_description, run_stages, thread_limits
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
               "set_", "resize_", "_to_copy_noop"}
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         policy = cluster.ClusterPolicy(compact_below=args.compact_below, max_groups=args.k_groups,
                                        max_block_elements=args.silhouette_block)
         for bs in args.batch_sizes:
-            with mock.patch.object(cluster, "cluster_policy", lambda _device: policy):
+            with pinned_cluster_policy(policy):
                 rows[bs] = stage_counts(model, imgs_all[:bs], device)
             print(f"batch {bs}: " + ", ".join(f"{s} {v['kernels']}/{v['syncs']}" for s, v in rows[bs].items()), flush=True)
         md = markdown(rows, us, meta)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .run import describe, write_outputs, load_images, machine_description, thread_limits
+from .run import describe, pinned_cluster_policy, write_outputs, load_images, machine_description, thread_limits
 
 
 class TensorPeak:
@@ -163,7 +163,8 @@ def markdown(rows: list[MemoryRow], meta: dict[str, Any]) -> str:
             else "CPU tensor allocations recorded by `torch.profiler` (peak running sum above the entry level)")
     lines = [f"Peak tensor memory (MiB), {kind}; backbone `{meta['backbone']}` "
              f"({'pretrained' if meta['pretrained'] else 'random weights'}), {meta['size'][0]}x{meta['size'][1]} inputs, "
-             f"amp={meta['amp']}; {describe(meta['machine'])}.", "",
+             f"amp={meta['amp']}, {'GPU cost policies' if meta.get('gpu_policy') else 'the device’s own cost policies'}; "
+             f"{describe(meta['machine'])}.", "",
              "| batch | backbone | spectral+clustering | CRF | forward with CRF | forward without CRF | per image (with CRF) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -184,6 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     ap.add_argument("--n-init", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gpu-policy", action="store_true",
+                    help="use the GPU's cost policies on any device (clasp_torch.cluster.cluster_policy of a "
+                         "GPU, CRF lattices built in chunks of 2**22 points): a CPU run then measures what a GPU "
+                         "run allocates")
     ap.add_argument("--crf-labels", type=int, nargs="*", default=[],
                     help="also measure the CRF alone (MiB per image) for these label counts, on 2 images")
     ap.add_argument("--json", default=None)
@@ -202,18 +207,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pretrained = args.pretrained == "yes" or (args.pretrained == "auto" and not args.backbone.startswith("dinov2"))
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
         torch.manual_seed(0)
-        model = CLASP(args.backbone, pretrained=pretrained, amp_dtype=amp, n_init=args.n_init).to(device).eval()
+        crf_params = {"lattice_chunk_points": 2**22} if args.gpu_policy else None
+        model = CLASP(args.backbone, pretrained=pretrained, amp_dtype=amp, n_init=args.n_init,
+                      crf_params=crf_params).to(device).eval()
         imgs_all, source = load_images(max(args.batch_sizes), tuple(args.size), args.image_dir)
         meta = {"device": str(device), "backbone": args.backbone, "pretrained": pretrained, "size": list(args.size),
-                "amp": args.amp, "n_init": args.n_init, "source": source, "machine": machine_description(device),
+                "amp": args.amp, "n_init": args.n_init, "gpu_policy": args.gpu_policy, "source": source, "machine": machine_description(device),
                 "argv": sys.argv[1:] if argv is None else argv}
         print(describe(meta["machine"]), flush=True)
         model(imgs_all[:1])  # warm-up: lazy initialisations stay out of the first row
         rows: list[MemoryRow] = []
+        from clasp_torch.cluster import cluster_policy
+
+        policy = cluster_policy(torch.device("cuda")) if args.gpu_policy else None  # no CUDA needed to ask
         for bs in args.batch_sizes:
             t0 = time.perf_counter()
             imgs = [im.to(device) for im in imgs_all[:bs]]
-            rows.append(measure(model, imgs, device))
+            with pinned_cluster_policy(policy):
+                rows.append(measure(model, imgs, device))
             print(f"batch {bs}: {asdict(rows[-1])} ({time.perf_counter() - t0:.0f} s)", flush=True)
         md = markdown(rows, meta)
         sweep = crf_label_sweep(imgs_all[:2], args.crf_labels, device) if args.crf_labels else {}

@@ -139,6 +139,22 @@ def thread_limits(n: int | None):
         torch.set_num_threads(prev)
 
 
+@contextlib.contextmanager
+def pinned_cluster_policy(policy: Any | None):
+    """Inside the block, ``clasp_torch.cluster.cluster_policy`` returns ``policy`` whatever the
+    device (``None``: the device's own), so that a CPU run can count or measure what a GPU run
+    does with the GPU's choices (they never change a result)."""
+    if policy is None:
+        yield
+        return
+    from unittest import mock
+
+    from clasp_torch import cluster
+
+    with mock.patch.object(cluster, "cluster_policy", lambda _device: policy):
+        yield
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -130,6 +130,9 @@ def test_memory_script_writes_rows_per_batch_size(tmp_path) -> None:
     assert "| batch |" in md_p.read_text()
     sweep = out["crf_mib_per_image_by_labels"]
     assert 0 < sweep[2] < sweep[8]  # the CRF's label buffers grow with the number of labels
+    gpu = main(["--device", "cpu", "--threads", "1", "--backbone", "efficientnet_lite0", "--batch-sizes", "2",
+                "--size", "96", "64", "--n-init", "2", "--gpu-policy"])
+    assert gpu["meta"]["gpu_policy"] and gpu["rows"][0]["forward_crf_mib"] > 0
 
 
 def test_op_counter_counts_kernels_and_host_syncs() -> None:
