@@ -15,6 +15,8 @@
 # 7. benchmarks.profile_gpu (batch 32, Chrome trace + NVTX ranges, torch.compile and bf16 variants),
 # 8. benchmarks.scaling on CUDA,
 # and writes every log / CSV / JSON / markdown / trace / plot into $OUT if set (else benchmarks/out).
+# DRY_RUN=1 runs every step on the CPU with tiny inputs (a check of the script without a GPU:
+#     DRY_RUN=1 SKIP_INSTALL=1 SKIP_TESTS=1 OUT=/tmp/gpu_check_dry bash benchmarks/gpu_check.sh).
 #
 # Targets (H100, batch 32, 640x480, DINOv2 ViT-S/14-reg): >= 200 images/s with CRF, >= 500 without,
 # <= 8 GB peak GPU memory (torch.cuda.max_memory_allocated).
@@ -24,6 +26,12 @@ OUTDIR="${OUT:-benchmarks/out}"
 mkdir -p "$OUTDIR"
 PY="${PYTHON:-python}"
 status=0
+# DRY_RUN=1: every step on the CPU with tiny inputs (checks the script and its flags without a GPU)
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  DEV=cpu; BS="1 2"; BMAX=2; IMG=2; IMG_E=2; REP=1; REP_E=1; SIZE="--size 160 120"; SCAL="--quick"; LAB="2 8"
+else
+  DEV=cuda; BS="1 8 32"; BMAX=32; IMG=64; IMG_E=32; REP=5; REP_E=3; SIZE=""; SCAL=""; LAB="2 8 16 32"
+fi
 step() { echo; echo "=== $* ==="; }
 
 {
@@ -45,49 +53,49 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
 fi
 
 step "benchmarks.run (CUDA, DINOv2 random weights, fp32 backbone)"
-"$PY" -m benchmarks.run --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 --images 64 --repeats 5 \
+"$PY" -m benchmarks.run --device $DEV --backbone dinov2_vits14_reg --batch-sizes $BS --images $IMG --repeats $REP $SIZE \
   --ref-images 4 --markdown --markdown-file "$OUTDIR/run_cuda_dinov2.md" --csv "$OUTDIR/run_cuda_dinov2.csv" \
   --json "$OUTDIR/run_cuda_dinov2.json" 2>&1 | tee "$OUTDIR/run_cuda_dinov2.log" || status=1
 
 step "benchmarks.run (CUDA, DINOv2 random weights, bf16 backbone)"
-"$PY" -m benchmarks.run --device cuda --backbone dinov2_vits14_reg --batch-sizes 32 --images 64 --repeats 5 \
+"$PY" -m benchmarks.run --device $DEV --backbone dinov2_vits14_reg --batch-sizes $BMAX --images $IMG --repeats $REP $SIZE \
   --amp bf16 --no-reference --markdown --markdown-file "$OUTDIR/run_cuda_dinov2_bf16.md" \
   --csv "$OUTDIR/run_cuda_dinov2_bf16.csv" --json "$OUTDIR/run_cuda_dinov2_bf16.json" 2>&1 \
   | tee "$OUTDIR/run_cuda_dinov2_bf16.log" || status=1
 
 step "benchmarks.run (CUDA, efficientnet_lite0 real weights)"
-"$PY" -m benchmarks.run --device cuda --backbone efficientnet_lite0 --batch-sizes 1 8 32 --images 32 --repeats 3 \
+"$PY" -m benchmarks.run --device $DEV --backbone efficientnet_lite0 --batch-sizes $BS --images $IMG_E --repeats $REP_E $SIZE \
   --ref-images 4 --markdown --markdown-file "$OUTDIR/run_cuda_effnet.md" --csv "$OUTDIR/run_cuda_effnet.csv" \
   --json "$OUTDIR/run_cuda_effnet.json" 2>&1 | tee "$OUTDIR/run_cuda_effnet.log" || status=1
 
 step "benchmarks.memory (CUDA, DINOv2 random weights: peak tensor memory per stage, batch 1 8 32)"
-"$PY" -m benchmarks.memory --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 --crf-labels 2 8 16 32 \
+"$PY" -m benchmarks.memory --device $DEV --backbone dinov2_vits14_reg --batch-sizes $BS --crf-labels $LAB $SIZE \
   --json "$OUTDIR/memory_cuda_dinov2.json" --markdown-file "$OUTDIR/memory_cuda_dinov2.md" 2>&1 \
   | tee "$OUTDIR/memory_cuda_dinov2.log" || status=1
 
 step "benchmarks.launches (CUDA: kernels and host syncs per stage, batch 1 8 32)"
-"$PY" -m benchmarks.launches --device cuda --backbone dinov2_vits14_reg --batch-sizes 1 8 32 \
+"$PY" -m benchmarks.launches --device $DEV --backbone dinov2_vits14_reg --batch-sizes $BS $SIZE \
   --json "$OUTDIR/launches_cuda_dinov2.json" --markdown-file "$OUTDIR/launches_cuda_dinov2.md" 2>&1 \
   | tee "$OUTDIR/launches_cuda_dinov2.log" || status=1
 
 step "benchmarks.profile_gpu (batch 32, compile + bf16)"
-"$PY" -m benchmarks.profile_gpu --device cuda --batch-size 32 --compile --amp bf16 --out-dir "$OUTDIR" 2>&1 \
+"$PY" -m benchmarks.profile_gpu --device $DEV --batch-size $BMAX $SIZE --compile --amp bf16 --out-dir "$OUTDIR" 2>&1 \
   | tee "$OUTDIR/profile_gpu.log" || status=1
 
 step "benchmarks.scaling (CUDA)"
-"$PY" -m benchmarks.scaling --device cuda --out-dir "$OUTDIR" 2>&1 | tee "$OUTDIR/scaling_cuda.log" || status=1
+"$PY" -m benchmarks.scaling --device $DEV $SCAL --out-dir "$OUTDIR" 2>&1 | tee "$OUTDIR/scaling_cuda.log" || status=1
 
 step "summary against the targets (batch 32)"
-"$PY" - "$OUTDIR" <<'EOF' 2>&1 | tee "$OUTDIR/gpu_check_summary.log"
+"$PY" - "$OUTDIR" "$BMAX" <<'EOF' 2>&1 | tee "$OUTDIR/gpu_check_summary.log"
 import json, os, sys
-out = sys.argv[1]
+out, bmax = sys.argv[1], int(sys.argv[2])
 for name in ("run_cuda_dinov2.json", "run_cuda_dinov2_bf16.json"):
     p = os.path.join(out, name)
     if not os.path.exists(p):
         print(f"{name}: missing"); continue
     d = json.load(open(p))
     for r in d["results"]:
-        if r["batch_size"] != 32:
+        if r["batch_size"] != bmax:
             continue
         peak_gb = max(r["peak_mem_crf_mib"], r["peak_mem_nocrf_mib"]) / 1024
         print(f"{name} ({d['meta']['machine'].get('gpu')}): with CRF {r['images_per_s_crf']:.0f} img/s (target >= 200) "
