@@ -45,7 +45,7 @@ from .run import STAGES, describe, pinned_cluster_policy, write_outputs, load_im
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
               "set_", "resize_", "_to_copy_noop"}
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
-             "unique_consecutive", "bincount", "nonzero_static_noop"}
+             "unique_consecutive", "bincount"}
 
 
 def _op_name(func: Any) -> str:
