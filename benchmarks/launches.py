@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .run import STAGES, describe, pinned_cluster_policy, write_outputs, load_images, machine_description, run_stages, thread_limits
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
-              "set_", "resize_", "_to_copy_noop"}
+              "set_", "resize_"}
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
              "unique_consecutive", "bincount"}
 
