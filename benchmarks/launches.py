@@ -40,7 +40,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .run import STAGES, describe, pinned_cluster_policy, write_outputs, load_images, machine_description, run_stages, thread_limits
+from .run import (STAGES, describe, load_images, machine_description, pinned_cluster_policy, probe_stages,
+                  thread_limits, write_outputs)
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
               "set_", "resize_"}
@@ -129,15 +130,7 @@ def host_us_per_op(device: torch.device | str = "cpu", n: int = 2000) -> float:
 
 def stage_counts(model: Any, imgs: list[torch.Tensor], device: torch.device) -> dict[str, dict[str, Any]]:
     """Kernel and sync counts of each stage of ``benchmarks.run.run_stages`` on one batch."""
-    counters: dict[str, OpCounter] = {}
-
-    @contextlib.contextmanager
-    def label(name: str) -> Iterator[None]:
-        with count_ops() as c:
-            yield
-        counters[name] = c
-
-    run_stages(model, imgs, device, label=label)
+    counters = probe_stages(model, imgs, device, count_ops)
     return {s: {"kernels": c.kernels, "syncs": c.syncs, "top_ops": dict(c.by_op.most_common(6)),
                 "sync_ops": dict(c.sync_by_op.most_common())} for s, c in counters.items()}
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import sys
 import time
@@ -33,61 +32,8 @@ from typing import Any
 
 import torch
 
-from .run import describe, pinned_cluster_policy, write_outputs, load_images, machine_description, thread_limits
-
-
-class TensorPeak:
-    """Context manager: peak bytes held by tensors inside the block, above the entry level.
-
-    ``peak_bytes`` after exit. CUDA: ``max_memory_allocated`` − ``memory_allocated`` at entry.
-    CPU: maximum running sum of the allocation events recorded by ``torch.profiler``.
-
-    Example:
-        >>> with TensorPeak(torch.device("cpu")) as tp:
-        ...     a = torch.empty(1000, 1000)          # 4 MB
-        ...     b = torch.empty(2000, 2000); del b   # 16 MB, freed
-        ...     c = torch.empty(500, 1000)           # 2 MB
-        >>> tp.peak_bytes >= 20_000_000, tp.peak_bytes < 20_100_000
-        (True, True)
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.peak_bytes = 0
-        self.base_bytes = 0  # CUDA: memory_allocated at entry
-        self._prof: Any = None
-
-    def __enter__(self) -> "TensorPeak":
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base_bytes
-            return
-        self._prof.__exit__(*exc)
-        events = [
-            (e.start_ns(), e.nbytes())
-            for e in self._prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-        ]
-        events.sort(key=lambda t: t[0])
-        run = peak = 0
-        for _, nb in events:
-            run += nb
-            peak = max(peak, run)
-        self.peak_bytes = peak
-        self._prof = None
+from .run import (TensorPeak, describe, load_images, machine_description, pinned_cluster_policy, probe_stages,
+                  thread_limits, write_outputs)
 
 
 def tensor_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
@@ -109,19 +55,10 @@ class MemoryRow:
 
 
 def _stage_peaks(model: Any, imgs: list[torch.Tensor], device: torch.device) -> tuple[int, int, int]:
-    """Peak bytes of the backbone, the spectral+clustering stage and the refiner, one after the other
-    (each stage's inputs are held, as in ``CLASP.forward``)."""
-    from clasp_torch.pipeline import _to_uint8, pad_images, upsample_labels
-
-    (feats, pmask, grids), backbone = tensor_peak(lambda: model.extract_features(imgs), device)
-    (patch_labels, _, _, sel), cluster = tensor_peak(lambda: model.cluster_features(feats, pmask), device)
-    if model.refiner is None:
-        return backbone, cluster, 0
-    image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], device=device)
-    coarse = upsample_labels(patch_labels, grids.to(device), image_sizes)
-    padded, imask = pad_images([_to_uint8(im) for im in imgs])
-    _, crf = tensor_peak(lambda: model.refiner(padded, coarse.clamp_min(0), sel.k, imask), device)
-    return backbone, cluster, crf
+    """Peak bytes of the backbone, the spectral+clustering stage and the refiner, each measured
+    around its stage of ``benchmarks.run.run_stages`` (0 for a stage that does not run)."""
+    peaks = probe_stages(model, imgs, device, lambda: TensorPeak(device))
+    return tuple(peaks[s].peak_bytes if s in peaks else 0 for s in ("backbone", "cluster_features", "crf"))
 
 
 def measure(model: Any, imgs: list[torch.Tensor], device: torch.device) -> MemoryRow:

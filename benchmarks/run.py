@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -207,6 +207,60 @@ class PeakRSS:
         return self.peak / 2**20
 
 
+class TensorPeak:
+    """Context manager: peak bytes held by tensors inside the block, above the entry level.
+
+    ``peak_bytes`` after exit. CUDA: ``max_memory_allocated`` − ``memory_allocated`` at entry.
+    CPU: maximum running sum of the allocation events recorded by ``torch.profiler``.
+
+    Example:
+        >>> with TensorPeak(torch.device("cpu")) as tp:
+        ...     a = torch.empty(1000, 1000)          # 4 MB
+        ...     b = torch.empty(2000, 2000); del b   # 16 MB, freed
+        ...     c = torch.empty(500, 1000)           # 2 MB
+        >>> tp.peak_bytes >= 20_000_000, tp.peak_bytes < 20_100_000
+        (True, True)
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.base_bytes = 0  # CUDA: memory_allocated at entry
+        self._prof: Any = None
+
+    def __enter__(self) -> "TensorPeak":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.base_bytes
+            return
+        self._prof.__exit__(*exc)
+        events = [
+            (e.start_ns(), e.nbytes())
+            for e in self._prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        ]
+        events.sort(key=lambda t: t[0])
+        run = peak = 0
+        for _, nb in events:
+            run += nb
+            peak = max(peak, run)
+        self.peak_bytes = peak
+        self._prof = None
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA ``max_memory_allocated`` (absolute, MiB) or CPU RSS delta."""
 
@@ -218,8 +272,6 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            from .memory import TensorPeak
-
             self._tp = TensorPeak(self.device).__enter__()
         else:
             gc.collect()
@@ -389,6 +441,23 @@ def run_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
     info["grids"] = grids
     info["coarse"] = coarse
     return t, info
+
+
+def probe_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
+                 probe: Callable[[], Any]) -> dict[str, Any]:
+    """One pass of :func:`run_stages` with a fresh context manager ``probe()`` entered around
+    each stage; returns what each stage's ``__enter__`` gave (e.g. a :class:`TensorPeak` or an
+    operator counter), by stage name."""
+    out: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def label(name: str) -> Iterator[None]:
+        with probe() as p:
+            yield
+        out[name] = p
+
+    run_stages(model, imgs, device, label=label)
+    return out
 
 
 # ----------------------------------------------------------------------------- reference

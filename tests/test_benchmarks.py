@@ -96,7 +96,7 @@ def test_profile_cpu_writes_trace(tmp_path) -> None:
 
 
 def test_tensor_peak_is_the_high_water_mark_of_live_tensor_bytes() -> None:
-    from benchmarks.memory import TensorPeak
+    from benchmarks.run import TensorPeak
 
     a = torch.empty(1000, 1000)  # 4,000,000 B allocated before the block: not counted
     with TensorPeak("cpu") as tp:
