@@ -347,13 +347,11 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
     float64 cluster sums.
 
     Converged restarts are frozen (their centres recorded) and dropped from the working arrays
-    once the live ones are at most ``compact_below`` of them: ``1.0`` drops them at once (least
-    work: the CPU default), ``0.5`` (the GPU default) lets frozen restarts ride along until half
-    are frozen, which saves the compaction's operator launches and host syncs at most
-    iterations. Frozen restarts never affect live ones, so the result does not depend on it.
-    ``max_groups`` caps the K groups scored separately (see :class:`_KGroups`): 3 on the CPU
-    (less padding work), 1 on a GPU (one GEMM and one argmin per step: fewer launches). The
-    result does not depend on it either. ``None``: :func:`cluster_policy` of the device.
+    once the live ones are at most ``compact_below`` of them (``1.0``: at once); until then they
+    ride along, which saves the compaction's operator launches and host syncs. Frozen restarts
+    never affect live ones. ``max_groups`` caps the K groups scored separately (see
+    :class:`_KGroups`). Neither changes the result; ``None`` takes the value of
+    :func:`cluster_policy` for the device.
     """
     B, N, D = xi.shape
     P = img.numel()
@@ -474,7 +472,7 @@ class _KGroups:
     """
 
     def __init__(self, k: Tensor, dims: Tensor, img: Tensor, n_images: int, n_points: int,
-                 max_groups: int = 3) -> None:
+                 max_groups: int) -> None:
         kl, dl = k.tolist(), dims.tolist()
         A = len(kl)
         starts = [0] + [i for i in range(1, A) if kl[i] != kl[i - 1]]

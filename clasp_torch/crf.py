@@ -327,13 +327,16 @@ def _build_per_image(features: Tensor, counts: list[int], max_points: int = 0) -
     the packed keys, so vertices come out in the same order.
     """
     chunks: list[list[int]] = []
+    filled = 0  # points of the last chunk
     for b, c in enumerate(counts):
         if c == 0:
             continue
-        if chunks and sum(counts[i] for i in chunks[-1]) + c <= max_points:
+        if chunks and filled + c <= max_points:
             chunks[-1].append(b)
+            filled += c
         else:
             chunks.append([b])
+            filled = c
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
