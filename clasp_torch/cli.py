@@ -7,13 +7,15 @@ paragraph or one line per input, never as a Python traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -23,6 +25,33 @@ class CLIError(Exception):
 
 
 # ----------------------------------------------------------------------------------- helpers
+_NOISY_MODULES = r"(lightning|lightning_fabric|pytorch_lightning|lightning_utilities|torch|torchvision|timm|torchmetrics)(\.|$)"
+_LIGHTNING_INFO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
+)
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """The CLI's terminal filter: hides Lightning's info lines and tips ("GPU available", "Tip: ...
+    litlogger") and deprecation warnings raised inside the dependencies; anything else (our own
+    warnings, other warnings of the dependencies, errors) still reaches the user. Only the CLI
+    uses it: the library itself never filters warnings globally."""
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, _LIGHTNING_INFO_LOGGERS)]
+    with warnings.catch_warnings():
+        for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=cat, module=_NOISY_MODULES)
+        for lg, _ in saved:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in saved:
+                lg.setLevel(level)
+
+
+
 def _device_args(device: str, devices: int | None) -> dict[str, Any]:
     import torch
 
@@ -70,61 +99,19 @@ def _build_model(args: argparse.Namespace, refiner: str | None):
         raise CLIError(str(exc)) from None
 
 
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[str], str | None, list[dict[str, str]]]:
-    """Expand files and folders into image paths.
+def collect_inputs(inputs: Sequence[str], out: str | None = None) -> tuple[list[str], str | None, list[dict[str, str]]]:
+    """Expand files, folders and ``@LIST`` files into image paths (see :mod:`clasp_torch.inputs`).
 
-    Returns ``(paths, root, missing)``: ``root`` is the common folder when a single folder was
-    given (outputs then mirror its sub-folders), ``missing`` lists inputs that do not exist.
+    Returns ``(paths, root, missing)``: ``root`` is the common parent of the inputs (output names
+    are relative to it), ``missing`` lists inputs that cannot be read.
     """
-    from .data import IMAGE_EXTENSIONS, ImageFolder
+    from .inputs import plan_inputs
 
-    paths: list[str] = []
-    missing: list[dict[str, str]] = []
-    root = None
-    dirs = [p for p in inputs if Path(p).is_dir()]
-    if len(dirs) == 1 and len(inputs) == 1:
-        root = dirs[0]
-    for p in inputs:
-        path = Path(p)
-        if path.is_dir():
-            try:
-                paths.extend(ImageFolder(path, on_error="return").paths)
-            except ValueError:
-                missing.append({"path": p, "error": f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder"})
-        elif path.exists():
-            paths.append(str(path))
-        else:
-            missing.append({"path": p, "error": "no such file or folder"})
-    seen: set[str] = set()
-    unique = [p for p in paths if not (p in seen or seen.add(p))]
-    return unique, root, missing
-
-
-class PathDataset:
-    """Map-style dataset over explicit image paths; unreadable files become error items."""
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        from .data import ImageLoadError, load_image
-
-        path = self.paths[index]
-        try:
-            return {"image": load_image(path), "path": path, "index": index}
-        except ImageLoadError as exc:
-            return {"image": None, "path": path, "index": index, "error": exc.reason}
-        except OSError as exc:  # permissions, vanished files
-            return {"image": None, "path": path, "index": index, "error": f"cannot read: {exc.strerror or exc}"}
+    plan = plan_inputs(inputs, out)
+    return [f.path for f in plan.files], plan.root, plan.missing
 
 
 # ----------------------------------------------------------------------------------- segment
-_TMP_PATTERNS = (".*.png.*.tmp", ".*.jpg.*.tmp", ".*.json.*.tmp")
-
-
 def _prepare_out_dir(out: Path) -> None:
     """Create the output folder and make sure files can be written in it (else CLIError)."""
     import tempfile
@@ -146,85 +133,80 @@ def _previous_failures(report_path: Path) -> set[str]:
         return set()
 
 
-def _run_predict(trainer: Any, predictor: Any, loader: Any) -> None:
-    """``trainer.predict`` where Ctrl-C raises KeyboardInterrupt (Lightning turns it into exit 1)."""
-    import signal
+def _segment_config(args: argparse.Namespace, dev: dict[str, Any]) -> Any:
+    from .segment_run import SegmentConfig
 
-    old_handler = signal.getsignal(signal.SIGINT)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*predict_dataloader.*")
-            trainer.predict(predictor, loader, return_predictions=False)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning caught a KeyboardInterrupt and called sys.exit(1)
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        # Lightning ignores SIGINT after an interrupt; give the caller its handler back.
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+    if args.format == "parquet":
+        for mod in ("pyarrow", "pycocotools"):
+            try:
+                __import__(mod)
+            except ImportError:
+                raise CLIError(f"--format parquet needs the package {mod}: pip install 'clasp-torch[collection]'") from None
+    return SegmentConfig(
+        inputs=list(args.inputs), out=args.out, format=args.format, overlays=not args.no_overlay and args.format == "png",
+        stats_json=args.json_stats, embeddings=args.embeddings, resume=args.resume, batch_size=args.batch_size,
+        num_workers=args.num_workers, writer_threads=args.writer_threads, gpu_decode=args.gpu_decode,
+        accelerator=dev["accelerator"], devices=dev["devices"], strategy=args.strategy, num_nodes=args.num_nodes,
+        progress=not args.quiet,
+    )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    from .data import collate_images
-    from .lightning import CLASPPredictor, SegmentationWriter, output_stem, read_logs
+    from .inputs import plan_inputs
+    from .segment_run import build_segment_run
     from .viz import atomic_write_bytes
+    from .writers import read_logs
 
     out = Path(args.out)
     dev = _device_args(args.device, args.devices)  # before the (slow) model build
+    if args.gpu_decode and dev["accelerator"] != "gpu":
+        print("--gpu-decode: no CUDA device in this run; decoding on the CPU", file=sys.stderr)
+        args.gpu_decode = False
+    plan = plan_inputs(args.inputs, out)
+    if plan.collisions:
+        lines = "\n".join(f"  {c}" for c in plan.collisions)
+        raise CLIError(
+            f"{len(plan.collisions)} output name(s) would be written by more than one input (names are paths "
+            f"relative to the inputs' common folder, suffix dropped); rename or give them in separate runs:\n{lines}"
+        )
     _prepare_out_dir(out)
-    report_path = Path(args.report) if args.report else out / "clasp_report.json"
-    paths, root, missing = collect_inputs(args.inputs)
-    n_found = len(paths) + len(missing)
-    n_skipped = 0
-    if args.resume:
-        for pattern in _TMP_PATTERNS:  # temporaries of a run that was killed hard (SIGKILL)
-            for tmp in out.rglob(pattern):
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
-        before = len(paths)
-        paths = [p for p in paths if not (out / f"{output_stem(p, root)}.png").exists()]
-        n_skipped = before - len(paths)
-        print(f"--resume: {n_skipped} of {before} inputs already have outputs; skipping them", file=sys.stderr)
-        retried = len(_previous_failures(report_path) & set(paths))
-        if retried:
-            print(f"--resume: retrying {retried} input(s) that failed in the previous run", file=sys.stderr)
-    for m in missing:
+    cfg = _segment_config(args, dev)
+    # in a Parquet folder the report is "_clasp_report.json": readers skip "_" and "." files
+    default_report = "_clasp_report.json" if args.format == "parquet" else "clasp_report.json"
+    report_path = Path(args.report) if args.report else out / default_report
+    if plan.excluded:
+        print(f"left out {plan.excluded} file(s) under the output folder {out}", file=sys.stderr)
+    for m in plan.missing:
         print(f"failed {m['path']}: {m['error']}", file=sys.stderr)
     model = _build_model(args, None if args.no_crf else "crf")
-    predictor = CLASPPredictor(model)
-    writer = SegmentationWriter(out, root=root, overlays=not args.no_overlay, stats_json=args.json_stats)
-    failures: list[dict[str, Any]] = list(missing)
-    n_ok = 0
+    try:
+        run = build_segment_run(cfg, model, plan)
+    except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ...
+        raise CLIError(f"invalid --strategy/--devices/--num-nodes settings: {exc}") from None
+    n_skipped = run.n_skipped
+    if args.resume:
+        total = len(plan.files)
+        print(f"--resume: {n_skipped} of {total} file inputs already have outputs; skipping them"
+              + (f"; {len(run.data.skip_parts)} of {len(plan.shards)} shards done" if plan.shards else ""),
+              file=sys.stderr)
+        retried = len(_previous_failures(report_path) & {f.path for f in plan.files})
+        if retried:
+            print(f"--resume: retrying {retried} input(s) that failed in the previous run", file=sys.stderr)
+    failures: list[dict[str, Any]] = list(plan.missing)
+    n_ok = n_shard_samples = 0
     t0 = time.perf_counter()
     rank = 0
     interrupted = False
-    if paths:
-        loader = DataLoader(
-            PathDataset(paths), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-            collate_fn=collate_images,
-        )
-        try:
-            trainer = pl.Trainer(
-                **dev, strategy=args.strategy, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                callbacks=[writer], enable_progress_bar=not args.quiet, num_nodes=args.num_nodes,
-            )
-        except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ...
-            raise CLIError(f"invalid --strategy/--devices/--num-nodes settings: {exc}") from None
-        try:
-            _run_predict(trainer, predictor, loader)
-        except KeyboardInterrupt:
-            interrupted = True
+    if run.has_work:
+        run.run()
+        interrupted = run.interrupted
+        trainer = run.trainer
         rank = trainer.global_rank
         if trainer.world_size > 1 and not interrupted:
             trainer.strategy.barrier()
         recs = read_logs(out)
+        file_paths = {f.path for f in plan.files}
+        n_shard_samples = sum(1 for r in recs if r.get("path") not in file_paths)
         n_ok = sum(1 for r in recs if r.get("ok"))
         failures += [r for r in recs if not r.get("ok")]
     if rank != 0:
@@ -233,8 +215,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 0
     dt = time.perf_counter() - t0
     report = {
-        "inputs": n_found,
+        "inputs": len(plan.files) + len(plan.missing) + n_shard_samples,
         "skipped_existing": n_skipped,
+        "excluded_under_out": plan.excluded,
         "processed": n_ok + len(failures),
         "ok": n_ok,
         "failed": len(failures),
@@ -243,6 +226,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "seconds": round(dt, 2),
         "backbone": model.backbone.name,
         "crf": not args.no_crf,
+        "format": args.format,
     }
     try:
         atomic_write_bytes(report_path, json.dumps(report, indent=1).encode())
@@ -334,7 +318,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     num_classes = (ds.dataset if isinstance(ds, Subset) else ds).num_classes
     model = _build_model(args, None if args.no_crf else "crf")
     predictor = CLASPPredictor(model, num_classes=num_classes)
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+    from .segment_run import default_num_workers
+
+    workers = default_num_workers() if args.num_workers == "auto" else args.num_workers
+    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_images)
     trainer = pl.Trainer(**_device_args(args.device, args.devices), strategy=args.strategy, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.quiet)
@@ -383,7 +370,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: 1 on a CPU, where batches only add padding; 8 on a GPU)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=_workers, default="auto",
+                   help="DataLoader worker processes that decode the inputs (default auto: min(8, usable CPUs - 1))")
     p.add_argument("--devices", type=int, default=None, help="number of devices (processes) per node")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
@@ -392,12 +380,34 @@ def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-selector", default="eigengap", choices=["eigengap", "entropy"])
 
 
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clasp", description="CLASP: training-free per-image segmentation.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("segment", help="segment images or folders of images")
-    s.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    s.add_argument("--out", required=True, help="output folder: <stem>.png label maps and <stem>_overlay.jpg")
+    s.add_argument("inputs", nargs="+",
+                   help="image files, folders (searched recursively), .tar shards (WebDataset layout) and @LIST files "
+                        "(one path per line)")
+    s.add_argument("--out", required=True,
+                   help="output folder: <name>.png label maps and <name>_overlay.jpg, or part-NNNNN.parquet")
+    s.add_argument("--format", default="png", choices=["png", "parquet"],
+                   help="png: a label PNG (+ overlay) per input; parquet: one row per input with COCO RLE segments, "
+                        "one part per shard or per 10,000 files")
+    s.add_argument("--embeddings", action="store_true", help="parquet: each segment's mean patch feature")
+    s.add_argument("--writer-threads", type=int, default=None,
+                   help="threads that encode and write outputs (default min(8, usable CPUs - 1); 0: in the predict loop)")
+    s.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs on the GPU (torchvision, CUDA only)")
     s.add_argument("--no-overlay", action="store_true", help="write label maps only")
     s.add_argument("--json-stats", action="store_true", help="also write <stem>.json with per-segment boxes/areas")
     s.add_argument("--resume", action="store_true", help="skip inputs whose label map already exists")
@@ -432,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-patches must be >= 4")
     if getattr(args, "fixed_k", None) is not None and args.fixed_k < 2:
         parser.error("--fixed-k must be >= 2")
-    if getattr(args, "num_workers", 0) < 0:
-        parser.error("--num-workers must be >= 0")
+    if getattr(args, "writer_threads", None) is not None and args.writer_threads < 0:
+        parser.error("--writer-threads must be >= 0")
     if getattr(args, "devices", None) is not None and args.devices < 1:
         parser.error("--devices must be >= 1")
     if getattr(args, "num_nodes", 1) < 1:
@@ -441,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
     try:
-        return int(args.func(args))
+        with quiet_third_party():
+            return int(args.func(args))
     except CLIError as exc:
         print(f"clasp {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ __all__ = [
     "ADE20K_NAMES",
     "ImageLoadError",
     "load_image",
+    "load_image_bytes",
     "load_label",
     "ImageFolder",
     "SegmentationDataset",
@@ -256,14 +257,51 @@ def load_image(path: str | os.PathLike[str], *, exif_transpose: bool = True) -> 
             raise ImageLoadError(path, "is a directory")
         if os.path.getsize(path) == 0:
             raise ImageLoadError(path, "empty file")
-        with Image.open(path) as img:
+    except FileNotFoundError as exc:
+        raise ImageLoadError(path, "file not found") from exc
+    except PermissionError as exc:
+        raise ImageLoadError(path, "permission denied") from exc
+    return _decode(path, path, exif_transpose)
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>", *, exif_transpose: bool = True) -> Tensor:
+    """Decode an encoded image (the bytes of a file, e.g. a tar member) as :func:`load_image` does.
+
+    Args:
+        data: the encoded file.
+        name: what error messages call it.
+        exif_transpose: apply the EXIF orientation tag.
+
+    Returns:
+        ``uint8 (3, H, W)`` RGB.
+
+    Raises:
+        ImageLoadError: empty, truncated/corrupt, or not an image.
+
+    Example:
+        >>> import io; from PIL import Image
+        >>> buf = io.BytesIO(); Image.new("RGB", (4, 3), (255, 0, 0)).save(buf, "PNG")
+        >>> load_image_bytes(buf.getvalue()).shape
+        torch.Size([3, 3, 4])
+    """
+    import io
+
+    if not data:
+        raise ImageLoadError(name, "empty file")
+    return _decode(io.BytesIO(data), name, exif_transpose)
+
+
+def _decode(source: Any, path: str, exif_transpose: bool) -> Tensor:
+    """Decode ``source`` (a path or a binary file object) to ``uint8 (3, H, W)``."""
+    try:
+        with Image.open(source) as img:
             img.seek(0)  # first frame of animations / multi-page files
             img.load()
             if exif_transpose:
                 try:
                     img = ImageOps.exif_transpose(img) or img
                 except Exception as exc:  # malformed EXIF must not lose the pixels
-                    warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({exc})", stacklevel=2)
+                    warnings.warn(f"{path}: ignoring unreadable EXIF orientation ({exc})", stacklevel=3)
             rgb = _alpha_free_rgb(img)
             arr = np.array(rgb, dtype=np.uint8, copy=True)
     except ImageLoadError:
@@ -555,25 +593,39 @@ class SegmentationDataset(Dataset):
 
 
 def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``collate_fn`` for :class:`ImageFolder` / :class:`SegmentationDataset` items.
+    """``collate_fn`` for :class:`ImageFolder` / :class:`SegmentationDataset` items (and the
+    collection sources of :mod:`clasp_torch.sources`).
 
     Images keep their own sizes (no padding or stacking; the model pads).
 
     Returns:
-        ``{"image": list[Tensor (3,H,W)], "path": list[str], "index": LongTensor (B,),
+        ``{"image": list[Tensor (3,H,W) | None], "path": list[str], "index": LongTensor (B,),
         "errors": list[dict]}`` plus ``"label": list[Tensor (H,W)]`` and ``"id": list[str]`` when
         the items carry them. Items whose ``image`` is ``None`` (``on_error="return"``) are
         moved to ``"errors"`` (each ``{"path", "index", "error"}``) and left out of the other
-        entries, so ``B`` counts the good items only (it may be 0).
+        entries, so ``B`` counts the good items only (it may be 0). Collection items also give
+        ``"name"`` and ``"part"`` lists, ``"encoded"`` (JPEG bytes, ``None`` where ``image`` is
+        set: such items count as good) and ``"part_ends"`` (the shard end markers).
+
+    Example:
+        >>> b = collate_images([{"image": torch.zeros(3, 2, 2, dtype=torch.uint8), "path": "a", "index": 0},
+        ...                     {"image": None, "path": "b", "index": 1, "error": "empty file"}])
+        >>> len(b["image"]), b["errors"]
+        (1, [{'path': 'b', 'index': 1, 'error': 'empty file'}])
     """
-    good = [item for item in batch if item.get("image") is not None]
-    errors = [
-        {"path": item.get("path"), "index": item.get("index"), "error": item.get("error", "unknown error")}
-        for item in batch
-        if item.get("image") is None
-    ]
+    ends = [item for item in batch if "part_end" in item]
+    items = [item for item in batch if "part_end" not in item]
+    good = [item for item in items if item.get("image") is not None or item.get("encoded") is not None]
+    errors = []
+    for item in items:
+        if item.get("image") is None and item.get("encoded") is None:
+            err = {"path": item.get("path"), "index": item.get("index"), "error": item.get("error", "unknown error")}
+            for extra in ("name", "part"):
+                if extra in item:
+                    err[extra] = item[extra]
+            errors.append(err)
     out: dict[str, Any] = {
-        "image": [item["image"] for item in good],
+        "image": [item.get("image") for item in good],
         "path": [item["path"] for item in good],
         "index": torch.tensor([int(item["index"]) for item in good], dtype=torch.long),
         "errors": errors,
@@ -582,4 +634,11 @@ def collate_images(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["label"] = [item["label"] for item in good]
     if any("id" in item for item in good):
         out["id"] = [item["id"] for item in good]
+    if any("name" in item for item in items):
+        out["name"] = [item.get("name") for item in good]
+        out["part"] = [item.get("part") for item in good]
+    if any("encoded" in item for item in good):
+        out["encoded"] = [item.get("encoded") for item in good]
+    if ends:
+        out["part_ends"] = [{"part": e["part_end"], "count": e["count"], "path": e.get("path")} for e in ends]
     return out

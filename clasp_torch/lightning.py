@@ -14,49 +14,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from PIL import Image
 from torch import Tensor
 from torchmetrics import MeanMetric, SumMetric
 
 from .pipeline import CLASP, CLASPOutput
-from .viz import atomic_write_bytes, overlay, save_image_atomic, save_label_png
+from .writers import SegmentationWriter, output_stem, read_logs, segment_statistics
 
-__all__ = ["CLASPPredictor", "SegmentationWriter", "output_stem", "segment_statistics"]
-
-
-def output_stem(path: str, root: str | None) -> str:
-    """Output name of an input: its path relative to ``root`` without the suffix (POSIX form)."""
-    p = Path(path)
-    if root is not None:
-        try:
-            rel = p.resolve().relative_to(Path(root).resolve())
-            return rel.with_suffix("").as_posix()
-        except ValueError:
-            pass
-    return p.stem
-
-
-def segment_statistics(labels: Tensor) -> list[dict[str, Any]]:
-    """Per-segment area and bounding box of a ``(H, W)`` label map (JSON-ready)."""
-    from torchvision.ops import masks_to_boxes
-
-    ids = [int(v) for v in labels.unique() if int(v) >= 0]
-    if not ids:
-        return []
-    masks = torch.stack([labels == i for i in ids])
-    boxes = masks_to_boxes(masks).tolist()
-    areas = masks.flatten(1).sum(-1).tolist()
-    return [{"id": i, "area": int(a), "box_xyxy": [round(v, 1) for v in b]} for i, a, b in zip(ids, areas, boxes)]
+__all__ = ["CLASPPredictor", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs"]
 
 
 class CLASPPredictor(pl.LightningModule):
@@ -65,15 +33,28 @@ class CLASPPredictor(pl.LightningModule):
     Args:
         model: a :class:`CLASP` instance, or keyword arguments to build one (``clasp_kwargs``).
         num_classes: ground-truth classes, for ``test_step`` metrics (optional).
+        overlay_on_device: composite each overlay on the model's device (set on a GPU; on a
+            CPU the writer's threads composite it).
+        embeddings: records carry each segment's mean patch feature.
         clasp_kwargs: used when ``model`` is None.
 
     ``predict_step`` returns ``list[dict]`` with, per image: ``path``, ``index``, ``labels``
     (``(H, W)`` int64 CPU tensor) or ``error`` (a one-line reason).
     """
 
-    def __init__(self, model: CLASP | None = None, num_classes: int | None = None, **clasp_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: CLASP | None = None,
+        num_classes: int | None = None,
+        *,
+        overlay_on_device: bool = False,
+        embeddings: bool = False,
+        **clasp_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.model = model if model is not None else CLASP(**clasp_kwargs)
+        self.overlay_on_device = overlay_on_device
+        self.embeddings = embeddings
         self.num_classes = num_classes
         if num_classes is not None:
             from .metrics import UnsupervisedSegmentationMetric
@@ -102,39 +83,64 @@ class CLASPPredictor(pl.LightningModule):
             return None, single
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Segment a batch; returns one record per input (errors included), in input order.
+
+        Records: ``path``, ``index``, and ``name``/``part`` when the batch carries them; then
+        either ``error`` or ``image`` (uint8 ``(3, H, W)``), ``labels`` (``(H, W)`` int64, CPU),
+        ``k``, ``k_opt``, plus ``overlay`` (``(3, H, W)`` uint8, CPU) when ``overlay_on_device``
+        and ``embeddings`` (``(K, D)`` mean patch feature per label) when ``embeddings``.
+        """
+        extra = ("name", "part")
         records: list[dict[str, Any]] = [
-            {"path": e["path"], "index": int(e["index"]), "error": e["error"]} for e in batch.get("errors", [])
+            {"path": e["path"], "index": int(e["index"]), "error": e["error"], **{k: e[k] for k in extra if k in e}}
+            for e in batch.get("errors", [])
         ]
-        images: list[Tensor] = batch["image"]
+        images: list[Tensor | None] = list(batch["image"])
         if not images:
             return records
+        meta = [{"path": batch["path"][i], "index": int(batch["index"][i]),
+                 **{k: batch[k][i] for k in extra if k in batch}} for i in range(len(images))]
+        if "encoded" in batch:  # JPEG bytes: decode on the model's device
+            from .sources import decode_batch
+
+            todo = [i for i, im in enumerate(images) if im is None]
+            dec = decode_batch([batch["encoded"][i] for i in todo], [meta[i]["path"] for i in todo], self.model._device())
+            for i, d in zip(todo, dec):
+                images[i] = d if isinstance(d, Tensor) else None
+                if not isinstance(d, Tensor):
+                    records.append({**meta[i], "error": d})
         # Inputs the model rejects for sure (e.g. smaller than one patch) are reported up front,
         # so they do not force the rest of the batch through the one-by-one retry.
         keep: list[int] = []
         for i, im in enumerate(images):
+            if im is None:
+                continue
             problem = self._check_image(im)
             if problem is None:
                 keep.append(i)
             else:
-                records.append({"path": batch["path"][i], "index": int(batch["index"][i]), "error": problem})
+                records.append({**meta[i], "error": problem})
         if not keep:
-            return records
-        out, singles = self._segment([images[i] for i in keep])
+            return sorted(records, key=lambda rec: rec["index"])
+        good = [images[i] for i in keep]
+        out, singles = self._segment(good)  # type: ignore[arg-type]
         if out is not None:
             singles = [(j, out) for j in range(len(keep))]
         for j, res in singles:
             i = keep[j]
-            rec: dict[str, Any] = {"path": batch["path"][i], "index": int(batch["index"][i])}
+            rec: dict[str, Any] = dict(meta[i])
             if isinstance(res, str):
                 rec["error"] = res
             else:
                 r = j if out is not None else 0
-                rec.update(
-                    image=images[i],
-                    labels=res.label_map(r).cpu(),
-                    k=int(res.k[r]),
-                    k_opt=int(res.k_opt[r]),
-                )
+                labels = res.label_map(r)
+                rec.update(image=images[i].cpu(), labels=labels.cpu(), k=int(res.k[r]), k_opt=int(res.k_opt[r]))
+                if self.overlay_on_device:
+                    from .viz import overlay_tensor
+
+                    rec["overlay"] = overlay_tensor(images[i], labels).cpu()
+                if self.embeddings:
+                    rec["embeddings"] = _label_means(res, r).cpu()
             records.append(rec)
         records.sort(key=lambda rec: rec["index"])
         return records
@@ -185,116 +191,17 @@ class CLASPPredictor(pl.LightningModule):
         self.n_images.reset()
 
 
+def _label_means(out: CLASPOutput, i: int) -> Tensor:
+    """``(K, D)`` mean backbone feature of the patches of each patch label of image ``i``."""
+    feats = out.features[i].flatten(0, 1)  # (h*w, D)
+    lab = out.patch_labels[i].flatten()
+    valid = lab >= 0
+    K = max(int(out.k[i]), 1)
+    sums = feats.new_zeros(K, feats.shape[-1]).index_add_(0, lab[valid], feats[valid])
+    counts = torch.bincount(lab[valid], minlength=K).clamp_min(1).to(feats.dtype)
+    return sums / counts[:, None]
+
+
 def _reason(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{type(exc).__name__}: {msg}"
-
-
-class SegmentationWriter(BasePredictionWriter):
-    """Writes each finished batch: ``<out>/<stem>.png`` (+ overlay, + JSON), atomically.
-
-    Args:
-        out_dir: output folder.
-        root: input root, so nested inputs keep their sub-folders (``None``: file stem only).
-        overlays: also write ``<stem>_overlay.jpg``.
-        stats_json: also write ``<stem>.json`` with K, K_opt and per-segment areas/boxes.
-        log_name: per-rank JSON-lines log of every processed input (``<log_name>.rank<r>.jsonl``).
-        report_failures: print each failed input on one line (``failed <path>: <reason>``) to
-            stderr as soon as its batch is written (through ``tqdm.write``, so a progress bar
-            stays intact).
-
-    Outputs are written through a temporary file and renamed, so an interrupted run never leaves
-    a half-written file. The label map ``<stem>.png`` is written last, so its presence means
-    that every output of the input is complete (``clasp segment --resume`` relies on it).
-    Per-rank logs record ``{"path", "index", "ok", "error"?, "k"?}``.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | os.PathLike[str],
-        root: str | None = None,
-        overlays: bool = True,
-        stats_json: bool = False,
-        log_name: str = ".clasp_log",
-        report_failures: bool = True,
-    ) -> None:
-        super().__init__(write_interval="batch")
-        self.report_failures = report_failures
-        self.out_dir = Path(out_dir)
-        self.root = root
-        self.overlays = overlays
-        self.stats_json = stats_json
-        self.log_name = log_name
-        self.n_ok = 0
-        self.failures: list[dict[str, Any]] = []
-        self._t0 = time.perf_counter()
-
-    def log_path(self, rank: int) -> Path:
-        return self.out_dir / f"{self.log_name}.rank{rank}.jsonl"
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path(trainer.global_rank).write_text("")
-        self.n_ok, self.failures, self._t0 = 0, [], time.perf_counter()
-
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: list[dict[str, Any]],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        lines = []
-        for rec in prediction:
-            entry: dict[str, Any] = {"path": rec["path"], "index": rec["index"]}
-            if "error" in rec:
-                entry.update(ok=False, error=rec["error"])
-                self.failures.append(entry)
-            else:
-                try:
-                    self._write_one(rec)
-                    entry.update(ok=True, k=rec["k"], k_opt=rec["k_opt"])
-                    self.n_ok += 1
-                except (OSError, ValueError) as exc:
-                    entry.update(ok=False, error=f"could not write output: {exc}")
-                    self.failures.append(entry)
-            if not entry["ok"] and self.report_failures:
-                _report_line(f"failed {entry['path']}: {entry['error']}")
-            lines.append(json.dumps(entry))
-        with open(self.log_path(trainer.global_rank), "a", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-
-    def _write_one(self, rec: dict[str, Any]) -> None:
-        stem = output_stem(rec["path"], self.root)
-        labels: Tensor = rec["labels"]
-        if self.overlays:
-            ov = overlay(rec["image"].cpu(), labels)
-            save_image_atomic(Image.fromarray(ov), self.out_dir / f"{stem}_overlay.jpg", quality=90)
-        if self.stats_json:
-            info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
-            atomic_write_bytes(self.out_dir / f"{stem}.json", json.dumps(info, indent=1).encode())
-        save_label_png(labels, self.out_dir / f"{stem}.png")  # last: marks the input as done
-
-
-def _report_line(msg: str) -> None:
-    """One line on stderr that does not break a tqdm progress bar."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)
-    except Exception:  # pragma: no cover - tqdm is a Lightning dependency
-        print(msg, file=sys.stderr, flush=True)
-
-
-def read_logs(out_dir: str | os.PathLike[str], log_name: str = ".clasp_log") -> list[dict[str, Any]]:
-    """All records of the per-rank logs of a run (for summaries and tests)."""
-    recs: list[dict[str, Any]] = []
-    for p in sorted(Path(out_dir).glob(f"{log_name}.rank*.jsonl")):
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                recs.append(json.loads(line))
-    return recs
-

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["palette", "colorize", "overlay", "boundaries", "contact_sheet", "save_label_png", "save_image_atomic", "atomic_write_bytes"]
+__all__ = [
+    "palette", "colorize", "overlay", "overlay_tensor", "boundaries", "contact_sheet", "save_label_png",
+    "label_png_bytes", "save_image_atomic", "atomic_write_bytes", "atomic_path", "encode_overlay_jpeg",
+]
 
 
 def palette(n: int) -> np.ndarray:
@@ -67,6 +71,44 @@ def overlay(image: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
     return out.clip(0, 255).astype(np.uint8)
 
 
+def overlay_tensor(image: torch.Tensor, labels: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """:func:`overlay` in torch, on the tensors' device (a GPU composites for free).
+
+    Args:
+        image: ``(3, H, W)`` uint8.
+        labels: ``(H, W)`` integer labels (negative: black).
+        alpha: weight of the colour layer.
+
+    Returns:
+        ``(3, H, W)`` uint8, equal to ``overlay(image, labels)`` (channels first).
+
+    Example:
+        >>> img = torch.full((3, 4, 4), 100, dtype=torch.uint8); lab = torch.zeros(4, 4, dtype=torch.long)
+        >>> lab[:, 2:] = 1
+        >>> bool((overlay_tensor(img, lab).permute(1, 2, 0).numpy() == overlay(img, lab)).all())
+        True
+    """
+    lab = labels.long()
+    n = max(int(lab.max()) + 1, 1) if lab.numel() else 1
+    pal = torch.from_numpy(palette(n)).to(device=lab.device, dtype=torch.float32)  # (n, 3)
+    col = pal[lab.clamp_min(0)].permute(2, 0, 1)  # (3, H, W)
+    col = col.masked_fill((lab < 0).unsqueeze(0), 0.0)
+    out = (1 - alpha) * image.to(torch.float32) + alpha * col
+    edge = torch.zeros(lab.shape, dtype=torch.bool, device=lab.device)
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+    out = out.masked_fill(edge.unsqueeze(0), 255.0)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def encode_overlay_jpeg(overlay_chw: torch.Tensor, quality: int = 90) -> bytes:
+    """JPEG bytes of a ``(3, H, W)`` uint8 image with ``torchvision.io.encode_jpeg`` (libjpeg-turbo;
+    measured faster than Pillow on the host, ``benchmarks/io.py``)."""
+    from torchvision.io import encode_jpeg
+
+    return encode_jpeg(overlay_chw.cpu().contiguous(), quality=quality).numpy().tobytes()
+
+
 def contact_sheet(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] | None = None, width: int = 320) -> Image.Image:
     """Grid of images (each row a sequence of ``(H, W, 3)`` uint8 arrays), one caption per row."""
     tiles: list[list[Image.Image]] = []
@@ -98,16 +140,18 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it is fsynced and renamed onto
+    ``path`` (atomic), on any error removed. Readers never see a half-written ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -116,6 +160,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike[str], **save_kwargs: object) -> None:
@@ -133,9 +183,22 @@ def save_label_png(labels: torch.Tensor | np.ndarray, path: str | os.PathLike[st
 
     Labels must lie in ``[0, 255]``. Written atomically and deterministically.
     """
+    atomic_write_bytes(path, label_png_bytes(labels))
+
+
+_PALETTE_256: list[int] = palette(256).reshape(-1).tolist()
+
+
+def label_png_bytes(labels: torch.Tensor | np.ndarray, compress_level: int = 1) -> bytes:
+    """The indexed PNG of :func:`save_label_png` as bytes (``compress_level`` 1: zlib's fastest;
+    the pixel values do not depend on it)."""
+    import io
+
     lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if lab.min() < 0 or lab.max() > 255:
         raise ValueError(f"labels must lie in [0, 255] for a PNG label map, got [{lab.min()}, {lab.max()}]")
     im = Image.fromarray(lab.astype(np.uint8))  # mode L
-    im.putpalette(palette(256).reshape(-1).tolist())  # L becomes P, values kept
-    save_image_atomic(im, path, optimize=False)
+    im.putpalette(_PALETTE_256)  # L becomes P, values kept
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=compress_level)
+    return buf.getvalue()

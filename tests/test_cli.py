@@ -14,18 +14,7 @@ import torch
 from PIL import Image
 
 from clasp_torch.cli import main
-
-
-def _photo(seed: int, h: int = 96, w: int = 128) -> Image.Image:
-    """A small blocky 'photo' with a few regions and noise."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w, 3), np.float32)
-    cols = rng.uniform(0, 255, (4, 3))
-    yy, xx = np.mgrid[:h, :w]
-    region = (yy > h * rng.uniform(0.3, 0.7)).astype(int) * 2 + (xx > w * rng.uniform(0.3, 0.7)).astype(int)
-    img[:] = cols[region]
-    img += rng.normal(0, 8, img.shape)
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+from tests.conftest import photo as _photo
 
 
 def _folder(tmp: Path, n: int, bad: bool = True) -> Path:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .base import Backbone, ModuleBackbone, WeightsUnavailableError, check_input
+from .base import Backbone, InvalidWeightsError, ModuleBackbone, WeightsUnavailableError, check_input
 from .dinov2 import DINOv2Backbone
 from .efficientnet import EfficientNetLite0Backbone
 
@@ -15,6 +15,7 @@ __all__ = [
     "Backbone",
     "ModuleBackbone",
     "WeightsUnavailableError",
+    "InvalidWeightsError",
     "DINOv2Backbone",
     "EfficientNetLite0Backbone",
     "get_backbone",

@@ -7,11 +7,70 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Backbone", "ModuleBackbone", "WeightsUnavailableError", "check_input"]
+__all__ = [
+    "Backbone", "ModuleBackbone", "WeightsUnavailableError", "InvalidWeightsError", "check_input",
+    "read_state_dict", "load_state_dict_checked",
+]
 
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be found locally nor downloaded."""
+
+
+class InvalidWeightsError(WeightsUnavailableError):
+    """A weights file exists but is not loadable as the named backbone (not a torch/safetensors
+    file, truncated, other keys, other shapes). The message is one paragraph naming the file,
+    what was found and the remedies."""
+
+
+def _invalid(path: str, label: str, found: str, remedies: str) -> InvalidWeightsError:
+    found = " ".join(found.split())[:400]
+    return InvalidWeightsError(f"The weights file {path!r} cannot be loaded as {label} weights: {found}. {remedies}")
+
+
+def read_state_dict(path: str, label: str, remedies: str) -> dict[str, Tensor]:
+    """Read a ``.safetensors`` or torch file (always ``weights_only=True``) as a flat state dict.
+
+    Raises:
+        InvalidWeightsError: unreadable, truncated, not a state dict.
+    """
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, SafetensorError...
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise _invalid(path, label, f"it is not a readable torch or safetensors file ({type(exc).__name__}: {msg})",
+                       remedies) from None
+    if not isinstance(sd, dict) or not sd:
+        raise _invalid(path, label, f"it holds a {type(sd).__name__}, not a state dict", remedies)
+    return sd
+
+
+def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], path: str, label: str, remedies: str) -> None:
+    """``model.load_state_dict(sd)`` with every key and shape required to match.
+
+    Raises:
+        InvalidWeightsError: missing or unexpected keys, or shapes of another model size.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(own[k].shape)})" for k in own
+             if k in sd and isinstance(sd[k], Tensor) and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} tensor(s) of other shapes, e.g. {', '.join(wrong[:2])} (another model size?)")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise _invalid(path, label, "; ".join(parts), remedies)
+    model.load_state_dict(sd)
 
 
 def check_input(x: Tensor, patch_size: int) -> tuple[int, int]:

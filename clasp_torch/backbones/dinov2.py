@@ -119,33 +119,39 @@ def _unwrap(sd: dict) -> dict[str, Tensor]:
     return out
 
 
+_REMEDIES = (
+    "Remedies: pass Meta's official ViT-S/14 with registers checkpoint 'dinov2_vits14_reg4_pretrain.pth' "
+    "(https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth; re-download it if "
+    "it may be truncated) or a timm 'vit_small_patch14_reg4_dinov2' state dict with --weights / "
+    f"{WEIGHTS_ENV} / weights=; or run offline with --backbone efficientnet_lite0."
+)
+
+
 def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local DINOv2 ViT-S/14-reg4 checkpoint (Meta or timm layout) into ``model``.
 
+    Never unpickles arbitrary objects (``weights_only=True``).
+
     Raises:
         WeightsUnavailableError: if the file does not exist.
-        RuntimeError / ValueError: if it is not a compatible checkpoint.
+        InvalidWeightsError: if it is not a readable torch/safetensors file, or its keys or
+            shapes are not those of a DINOv2 ViT-S/14-reg4 (e.g. another ViT size).
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from .base import _invalid, load_state_dict_checked, read_state_dict
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsUnavailableError(_UNAVAILABLE.format(reason=f"weights file not found: {path}")) from None
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = _unwrap(sd)
-    sd = checkpoint_filter_fn(sd, model)
+    label = "DINOv2 ViT-S/14-reg4"
+    sd = _unwrap(read_state_dict(path, label, _REMEDIES))
+    try:
+        sd = checkpoint_filter_fn(sd, model)
+    except Exception as exc:  # a layout timm cannot convert (other keys, other sizes)
+        raise _invalid(path, label, f"timm cannot convert it ({type(exc).__name__}: {exc})", _REMEDIES) from None
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{path} is not a DINOv2 ViT-S/14-reg4 checkpoint: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}"
-        )
+    load_state_dict_checked(model, sd, path, label, _REMEDIES)
 
 
 def to_meta_state_dict(timm_sd: dict[str, Tensor], cls_pos: Tensor | None = None) -> dict[str, Tensor]:

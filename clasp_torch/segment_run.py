@@ -1,0 +1,196 @@
+"""One factory for a ``clasp segment`` run: inputs, loaders, predictor, writer and trainer.
+
+The CLI and ``benchmarks/io.py`` both build their runs with :func:`build_segment_run`, so the
+benchmark measures the real code path (with a stub model in place of CLASP).
+
+* Host work runs off the predict loop: decoding in DataLoader workers (``num_workers="auto"``:
+  ``min(8, usable CPUs - 1)``, 0 only with one CPU), ``pin_memory`` on CUDA, prefetching; encoding
+  and writing in the writer's bounded thread pool (:mod:`clasp_torch.writers`).
+* Under DDP every process reads a disjoint part of the inputs: files round-robin (whole Parquet
+  parts in ``parquet`` format), tar shards by ``shard % (processes * workers)``; the split is
+  made in ``predict_dataloader``, once Lightning knows the rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import collate_images
+from .inputs import InputPlan, plan_inputs
+from .io import part_path
+from .lightning import CLASPPredictor
+from .sources import FileSource, RankSampler, ShardSource, file_done
+from .writers import SegmentationWriter
+
+__all__ = ["SegmentConfig", "SegmentRun", "build_segment_run", "default_num_workers", "TMP_PATTERNS"]
+
+TMP_PATTERNS = (".*.png.*.tmp", ".*.jpg.*.tmp", ".*.json.*.tmp", ".*.parquet.*.tmp")
+"""Temporaries of a run killed hard (SIGKILL); ``--resume`` removes them."""
+
+
+def default_num_workers() -> int:
+    """``min(8, usable CPUs - 1)``; 0 with a single CPU."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        n = os.cpu_count() or 1
+    return max(0, min(8, n - 1))
+
+
+@dataclass
+class SegmentConfig:
+    """Settings of a ``clasp segment`` run (the CLI's flags)."""
+
+    inputs: list[str]
+    out: str
+    format: Literal["png", "parquet"] = "png"
+    overlays: bool = True
+    stats_json: bool = False
+    embeddings: bool = False
+    resume: bool = False
+    batch_size: int = 1
+    num_workers: int | Literal["auto"] = "auto"
+    writer_threads: int | None = None
+    max_pending: int = 64
+    gpu_decode: bool = False
+    part_size: int = 10_000
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    progress: bool = True
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class CollectionData(pl.LightningDataModule):
+    """The run's loaders, split over processes once the rank is known."""
+
+    def __init__(self, cfg: SegmentConfig, plan: InputPlan, skip_files: list[int], skip_parts: list[int]) -> None:
+        super().__init__()
+        self.cfg, self.plan = cfg, plan
+        self.skip_files, self.skip_parts = skip_files, skip_parts
+        workers = cfg.num_workers
+        self.num_workers = default_num_workers() if workers == "auto" else int(workers)
+        self.files = FileSource(plan.files, cfg.part_size, part_offset=len(plan.shards), raw_jpeg=cfg.gpu_decode)
+
+    def _loader(self, dataset: Any, sampler: Any = None, workers: int | None = None) -> DataLoader:
+        n = self.num_workers if workers is None else workers
+        on_gpu = self.cfg.accelerator in ("gpu", "cuda") and torch.cuda.is_available()
+        return DataLoader(
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, shuffle=False, num_workers=n,
+            collate_fn=collate_images, pin_memory=on_gpu, prefetch_factor=4 if n else None,
+        )
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        loaders = []
+        if self.plan.shards:
+            skip_name = file_done(self.cfg.out) if self.cfg.resume and self.cfg.format == "png" else None
+            shards = ShardSource(self.plan.shards, rank, world, skip_part=self.skip_parts, skip_name=skip_name,
+                                 raw_jpeg=self.cfg.gpu_decode)
+            loaders.append(self._loader(shards, workers=min(self.num_workers, max(len(self.plan.shards), 1))))
+        if self.plan.files:
+            sampler = RankSampler(self.files, rank, world, by_part=self.cfg.format == "parquet", skip=self.skip_files)
+            loaders.append(self._loader(self.files, sampler))
+        return loaders
+
+
+@dataclass
+class SegmentRun:
+    """A built run: call :meth:`run`; ``n_skipped`` inputs were left out by ``--resume``."""
+
+    cfg: SegmentConfig
+    plan: InputPlan
+    data: CollectionData
+    predictor: CLASPPredictor
+    writer: SegmentationWriter
+    trainer: pl.Trainer
+    n_skipped: int = 0
+    interrupted: bool = False
+
+    @property
+    def has_work(self) -> bool:
+        files_left = len(self.plan.files) - len(self.data.skip_files)
+        shards_left = len(self.plan.shards) - len(self.data.skip_parts)
+        return files_left > 0 or shards_left > 0
+
+    def run(self) -> None:
+        """``trainer.predict`` over the loaders; Ctrl-C sets :attr:`interrupted` (outputs so far
+        are complete)."""
+        old_handler = signal.getsignal(signal.SIGINT)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                warnings.filterwarnings("ignore", ".*predict_dataloader.*")
+                warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
+                warnings.filterwarnings("ignore", ".*infer the batch indices.*")
+                self.trainer.predict(self.predictor, datamodule=self.data, return_predictions=False)
+        except SystemExit:
+            if not self.trainer.interrupted:  # Lightning turned a KeyboardInterrupt into exit(1)
+                raise
+            self.interrupted = True
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            if old_handler is not None:  # Lightning ignores SIGINT after an interrupt
+                signal.signal(signal.SIGINT, old_handler)
+            self.writer.finish(complete=False)
+
+
+def _resume_skips(cfg: SegmentConfig, plan: InputPlan) -> tuple[list[int], list[int]]:
+    out = Path(cfg.out)
+    for pattern in TMP_PATTERNS:
+        for tmp in out.rglob(pattern):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    if cfg.format == "parquet":
+        skip_parts = [i for i in range(len(plan.shards)) if part_path(out, i).exists()]
+        offset = len(plan.shards)
+        done_parts = {p for p in range(offset, offset + len(plan.files) // cfg.part_size + 1) if part_path(out, p).exists()}
+        skip_files = [i for i in range(len(plan.files)) if offset + i // cfg.part_size in done_parts]
+        return skip_files, skip_parts
+    done = file_done(out, ".png")
+    return [i for i, f in enumerate(plan.files) if done(f.name)], []
+
+
+def build_segment_run(cfg: SegmentConfig, model: nn.Module, plan: InputPlan | None = None) -> SegmentRun:
+    """Build the loaders, predictor, writer and trainer of a run.
+
+    Args:
+        cfg: the run's settings.
+        model: a :class:`~clasp_torch.pipeline.CLASP` (or any module with its call signature and
+            ``_device()``, e.g. a benchmark's stub).
+        plan: the expanded inputs (default ``plan_inputs(cfg.inputs, cfg.out)``).
+    """
+    plan = plan if plan is not None else plan_inputs(cfg.inputs, cfg.out)
+    skip_files, skip_parts = _resume_skips(cfg, plan) if cfg.resume else ([], [])
+    on_gpu = cfg.accelerator in ("gpu", "cuda")
+    predictor = CLASPPredictor(model, overlay_on_device=on_gpu and cfg.overlays and cfg.format == "png",
+                               embeddings=cfg.embeddings)
+    part_sizes: dict[int, int] = {}
+    offset = len(plan.shards)
+    for i in range(len(plan.files)):
+        part_sizes[offset + i // cfg.part_size] = part_sizes.get(offset + i // cfg.part_size, 0) + 1
+    writer = SegmentationWriter(
+        cfg.out, overlays=cfg.overlays, stats_json=cfg.stats_json, format=cfg.format, embeddings=cfg.embeddings,
+        threads=cfg.writer_threads, max_pending=cfg.max_pending, part_sizes=part_sizes,
+    )
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+        logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
+        enable_progress_bar=cfg.progress, use_distributed_sampler=False, **cfg.trainer_kwargs,
+    )
+    data = CollectionData(cfg, plan, skip_files, skip_parts)
+    return SegmentRun(cfg, plan, data, predictor, writer, trainer, n_skipped=len(skip_files))

@@ -1,0 +1,340 @@
+"""Prediction writers: encode and write off the predict loop, in a bounded background pool.
+
+:class:`SegmentationWriter` is a Lightning ``BasePredictionWriter``. The predict loop only
+*enqueues* each finished image; a :class:`BackgroundPool` of threads encodes and writes it (PNG
+label map, JPEG overlay, JSON, or a Parquet row). The queue is bounded: when ``max_pending``
+images wait, the predict loop blocks (back-pressure), so memory never grows with the number of
+inputs. Threads rather than processes: the encoders (zlib, libjpeg-turbo, pycocotools, torch ops)
+release the GIL, and threads need no copy of the label maps (measured in ``benchmarks/io.py``).
+
+Nothing is marked done before it is complete on disk: in ``png`` format the label map
+``<name>.png`` is written last, after the overlay and JSON; in ``parquet`` format the part file
+``part-NNNNN.parquet`` appears (atomically) only when every input of the part has passed. So
+``--resume`` after SIGINT or SIGKILL loses nothing and repeats nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+from .inputs import safe_output_path
+from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_tensor
+
+__all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs", "default_writer_threads"]
+
+OutputFormat = Literal["png", "parquet"]
+
+
+def default_writer_threads() -> int:
+    """Encoder threads: the usable CPUs minus one for the predict loop, between 1 and 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        n = os.cpu_count() or 1
+    return max(1, min(8, n - 1))
+
+
+class BackgroundPool:
+    """A thread pool whose queue holds at most ``max_pending`` tasks (``submit`` blocks beyond).
+
+    ``threads=0`` runs each task at once in the caller (the synchronous writer).
+    ``peak_pending`` records the most tasks ever queued or running (tests check the bound).
+    """
+
+    def __init__(self, threads: int, max_pending: int) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.threads = int(threads)
+        self.max_pending = int(max_pending)
+        self._slots = threading.BoundedSemaphore(self.max_pending)
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="clasp-writer") if self.threads else None
+        self._futures: set[Future] = set()
+        self._lock = threading.Lock()
+        self.peak_pending = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the pool; blocks while ``max_pending`` tasks are pending."""
+        if self._executor is None:
+            fn(*args)
+            return
+        self._slots.acquire()
+        with self._lock:
+            fut = self._executor.submit(fn, *args)
+            self._futures.add(fut)
+            self.peak_pending = max(self.peak_pending, len(self._futures))
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+        self._slots.release()
+
+    def drain(self) -> None:
+        """Wait for every submitted task; re-raise the first task error."""
+        while True:
+            with self._lock:
+                pending = list(self._futures)
+            if not pending:
+                return
+            for fut in pending:
+                fut.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+def output_stem(path: str, root: str | None) -> str:
+    """Output name of an input: its path relative to ``root`` without the suffix (POSIX form)."""
+    p = Path(path)
+    if root is not None:
+        try:
+            rel = p.resolve().relative_to(Path(root).resolve())
+            return rel.with_suffix("").as_posix()
+        except ValueError:
+            pass
+    return p.stem
+
+
+def segment_statistics(labels: Tensor) -> list[dict[str, Any]]:
+    """Per-segment area and bounding box of a ``(H, W)`` label map (JSON-ready)."""
+    from torchvision.ops import masks_to_boxes
+
+    ids = [int(v) for v in labels.unique() if int(v) >= 0]
+    if not ids:
+        return []
+    masks = torch.stack([labels == i for i in ids])
+    boxes = masks_to_boxes(masks).tolist()
+    areas = masks.flatten(1).sum(-1).tolist()
+    return [{"id": i, "area": int(a), "box_xyxy": [round(v, 1) for v in b]} for i, a, b in zip(ids, areas, boxes)]
+
+
+class SegmentationWriter(BasePredictionWriter):
+    """Writes each finished image off the predict loop, atomically.
+
+    Args:
+        out_dir: output folder.
+        root: input root for records without a ``name`` (outputs keep its sub-folders).
+        overlays: also write ``<name>_overlay.jpg`` (``png`` format).
+        stats_json: also write ``<name>.json`` with K, K_opt and per-segment areas/boxes.
+        format: ``"png"`` (``<name>.png`` label maps) or ``"parquet"`` (``part-NNNNN.parquet``,
+            see :mod:`clasp_torch.io`).
+        embeddings: Parquet rows carry each segment's mean patch feature.
+        threads: encoder threads (``None``: :func:`default_writer_threads`; ``0``: write in
+            the predict loop, synchronously).
+        max_pending: bound on images queued or being written.
+        part_sizes: inputs per Parquet part for parts of files (shard parts end with a marker).
+        log_name: per-rank JSON-lines log of every processed input (``<log_name>.rank<r>.jsonl``).
+        report_failures: print each failed input on one line (``failed <path>: <reason>``).
+
+    Per-rank logs record ``{"path", "name", "index", "ok", "error"?, "k"?}``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        root: str | None = None,
+        overlays: bool = True,
+        stats_json: bool = False,
+        format: OutputFormat = "png",
+        embeddings: bool = False,
+        threads: int | None = None,
+        max_pending: int = 64,
+        part_sizes: dict[int, int] | None = None,
+        log_name: str = ".clasp_log",
+        report_failures: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if format not in ("png", "parquet"):
+            raise ValueError(f"format must be 'png' or 'parquet', got {format!r}")
+        self.out_dir = Path(out_dir)
+        self.root = root
+        self.overlays = overlays
+        self.stats_json = stats_json
+        self.format: OutputFormat = format
+        self.embeddings = embeddings
+        self.threads = default_writer_threads() if threads is None else int(threads)
+        self.max_pending = int(max_pending)
+        self.part_sizes = dict(part_sizes or {})
+        self.log_name = log_name
+        self.report_failures = report_failures
+        self.pool: BackgroundPool | None = None
+        self._lock = threading.Lock()
+        self._rank = 0
+        self._parts: dict[int, list[dict[str, Any]]] = {}
+        self._seen: dict[int, int] = {}
+        self._expected: dict[int, int] = {}
+        self.n_ok = 0
+        self.failures: list[dict[str, Any]] = []
+        self.parts_written: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def log_path(self, rank: int) -> Path:
+        return self.out_dir / f"{self.log_name}.rank{rank}.jsonl"
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._rank = trainer.global_rank
+        self.log_path(self._rank).write_text("")
+        self.n_ok, self.failures, self.parts_written = 0, [], []
+        self._parts, self._seen, self._expected = {}, {}, dict(self.part_sizes)
+        self.pool = BackgroundPool(self.threads, self.max_pending)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finish(complete=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Interrupted: finish what was queued (complete outputs); never write a partial part.
+        self.finish(complete=False)
+
+    def finish(self, complete: bool) -> None:
+        """Drain the pool; with ``complete``, write the Parquet parts still open."""
+        if self.pool is None:
+            return
+        try:
+            self.pool.drain()
+            if complete and self.format == "parquet":
+                for part in sorted(self._parts):
+                    self._write_part(part)
+        finally:
+            self.pool.close()
+            self.pool = None
+
+    # ------------------------------------------------------------------ per batch
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        assert self.pool is not None, "on_predict_start was not called"
+        for rec in prediction:
+            self.pool.submit(self._process, rec)
+        for end in (batch.get("part_ends", []) if isinstance(batch, dict) else []):
+            with self._lock:
+                self._expected[int(end["part"])] = int(end["count"])
+            self.pool.submit(self._maybe_write_part, int(end["part"]))
+
+    def _name(self, rec: dict[str, Any]) -> str:
+        return rec.get("name") or output_stem(rec["path"], self.root)
+
+    def _process(self, rec: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {"path": rec["path"], "name": self._name(rec), "index": rec["index"]}
+        if "error" in rec:
+            entry.update(ok=False, error=rec["error"])
+        else:
+            try:
+                if self.format == "parquet":
+                    self._add_row(rec, entry["name"])
+                else:
+                    self._write_files(rec, entry["name"])
+                entry.update(ok=True, k=rec["k"], k_opt=rec["k_opt"])
+            except (OSError, ValueError) as exc:
+                entry.update(ok=False, error=f"could not write output: {exc}")
+        self._log(entry)
+        if self.format == "parquet" and rec.get("part") is not None:
+            self._count(int(rec["part"]), entry)
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            if entry["ok"]:
+                self.n_ok += 1
+            else:
+                self.failures.append(entry)
+            with open(self.log_path(self._rank), "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        if not entry["ok"] and self.report_failures:
+            _report_line(f"failed {entry['path']}: {entry['error']}")
+
+    # ------------------------------------------------------------------ png format
+    def _write_files(self, rec: dict[str, Any], name: str) -> None:
+        labels: Tensor = rec["labels"]
+        if self.overlays:
+            ov = rec.get("overlay")
+            if ov is None:
+                ov = overlay_tensor(rec["image"].cpu(), labels)
+            atomic_write_bytes(safe_output_path(self.out_dir, name, "_overlay.jpg"), encode_overlay_jpeg(ov))
+        if self.stats_json:
+            info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
+            atomic_write_bytes(safe_output_path(self.out_dir, name, ".json"), json.dumps(info, indent=1).encode())
+        # last: its presence marks the input as done (--resume)
+        atomic_write_bytes(safe_output_path(self.out_dir, name, ".png"), label_png_bytes(labels))
+
+    # ------------------------------------------------------------------ parquet format
+    def _add_row(self, rec: dict[str, Any], name: str) -> None:
+        from .io import segment_rows
+
+        labels: Tensor = rec["labels"]
+        row = {
+            "key": rec["path"], "name": name, "height": int(labels.shape[0]), "width": int(labels.shape[1]),
+            "k": int(rec["k"]), "k_opt": int(rec["k_opt"]),
+            "segments": segment_rows(labels, rec.get("embeddings") if self.embeddings else None),
+            "_index": int(rec["index"]),
+        }
+        with self._lock:
+            self._parts.setdefault(int(rec.get("part") or 0), []).append(row)
+
+    def _count(self, part: int, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._seen[part] = self._seen.get(part, 0) + 1
+            if not entry["ok"]:
+                self._parts.setdefault(part, [])
+        self._maybe_write_part(part)
+
+    def _maybe_write_part(self, part: int) -> None:
+        with self._lock:
+            ready = part in self._expected and self._seen.get(part, 0) >= self._expected[part]
+            ready = ready and part not in self.parts_written
+            if ready:
+                self.parts_written.append(part)
+        if ready:
+            self._write_part(part, claimed=True)
+
+    def _write_part(self, part: int, claimed: bool = False) -> None:
+        from .io import part_path, write_parquet_part
+
+        with self._lock:
+            if not claimed:
+                if part in self.parts_written:
+                    return
+                self.parts_written.append(part)
+            rows = sorted(self._parts.pop(part, []), key=lambda r: r["_index"])
+        for r in rows:
+            r.pop("_index", None)
+        write_parquet_part(part_path(self.out_dir, part), rows)
+
+
+def _report_line(msg: str) -> None:
+    """One line on stderr that does not break a tqdm progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    except Exception:  # pragma: no cover - tqdm is a Lightning dependency
+        print(msg, file=sys.stderr, flush=True)
+
+
+def read_logs(out_dir: str | os.PathLike[str], log_name: str = ".clasp_log") -> list[dict[str, Any]]:
+    """All records of the per-rank logs of a run (for summaries and tests)."""
+    recs: list[dict[str, Any]] = []
+    for p in sorted(Path(out_dir).glob(f"{log_name}.rank*.jsonl")):
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                recs.append(json.loads(line))
+    return recs
+
