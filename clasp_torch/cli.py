@@ -92,6 +92,7 @@ def _build_model(args: argparse.Namespace, refiner: str | None):
             fixed_k=getattr(args, "fixed_k", None),
             seed=args.seed,
             k_selector=getattr(args, "k_selector", "eigengap"),
+            **({"crf_max_pixels": args.crf_max_pixels} if getattr(args, "crf_max_pixels", None) else {}),
         )
     except WeightsUnavailableError as exc:
         raise CLIError(str(exc)) from None
@@ -376,6 +377,9 @@ def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF (the paper's patch variant)")
+    p.add_argument("--crf-max-pixels", type=int, default=None,
+                   help="working-resolution cap of the CRF: larger images are refined downscaled to this many "
+                        "pixels and brought back to their size (default 2**20, about 1 MP: dev-set images untouched)")
     p.add_argument("--fixed-k", type=int, default=None, help="fixed number of segments instead of adaptive K")
     p.add_argument("--k-selector", default="eigengap", choices=["eigengap", "entropy"])
 
@@ -442,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--max-patches must be >= 4")
     if getattr(args, "fixed_k", None) is not None and args.fixed_k < 2:
         parser.error("--fixed-k must be >= 2")
+    if getattr(args, "crf_max_pixels", None) is not None and args.crf_max_pixels < 1:
+        parser.error("--crf-max-pixels must be >= 1")
     if getattr(args, "writer_threads", None) is not None and args.writer_threads < 0:
         parser.error("--writer-threads must be >= 0")
     if getattr(args, "devices", None) is not None and args.devices < 1:

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from .inputs import safe_output_path
-from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_tensor
+from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_image
 
 __all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs", "default_writer_threads"]
 
@@ -37,12 +37,13 @@ OutputFormat = Literal["png", "parquet"]
 
 
 def default_writer_threads() -> int:
-    """Encoder threads: the usable CPUs minus one for the predict loop, between 1 and 8."""
+    """Encoder threads: as many as usable CPUs, between 2 and 8 (the encoders release the GIL and
+    wait on the disk, so one per core keeps the cores busy; measured in ``benchmarks/io.py``)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows
         n = os.cpu_count() or 1
-    return max(1, min(8, n - 1))
+    return max(2, min(8, n))
 
 
 class BackgroundPool:
@@ -264,16 +265,18 @@ class SegmentationWriter(BasePredictionWriter):
     # ------------------------------------------------------------------ png format
     def _write_files(self, rec: dict[str, Any], name: str) -> None:
         labels: Tensor = rec["labels"]
+        # one containment check per input (the suffixes below stay in the same folder; os.replace
+        # replaces a final-component symlink instead of following it)
+        base = str(safe_output_path(self.out_dir, name, ""))
         if self.overlays:
-            ov = rec.get("overlay")
+            ov = rec.get("overlay")  # composited on the GPU by the predictor, or here
             if ov is None:
-                ov = overlay_tensor(rec["image"].cpu(), labels)
-            atomic_write_bytes(safe_output_path(self.out_dir, name, "_overlay.jpg"), encode_overlay_jpeg(ov))
+                ov = overlay_image(rec["image"], labels)
+            atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(ov))
         if self.stats_json:
             info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
-            atomic_write_bytes(safe_output_path(self.out_dir, name, ".json"), json.dumps(info, indent=1).encode())
-        # last: its presence marks the input as done (--resume)
-        atomic_write_bytes(safe_output_path(self.out_dir, name, ".png"), label_png_bytes(labels))
+            atomic_write_bytes(base + ".json", json.dumps(info, indent=1).encode())
+        atomic_write_bytes(base + ".png", label_png_bytes(labels))  # last: marks the input as done (--resume)
 
     # ------------------------------------------------------------------ parquet format
     def _add_row(self, rec: dict[str, Any], name: str) -> None:

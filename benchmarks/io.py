@@ -1,0 +1,293 @@
+"""Host path of ``clasp segment``: cost per image by part, and sustained images/s with a stub model.
+
+``python -m benchmarks.io [--json FILE] [--images N] [--device cpu|cuda]``
+
+1. **Parts** (one thread, median over the images, COCO dev photos): decoding (Pillow on the CPU;
+   on CUDA also ``torchvision.io.decode_jpeg`` on the GPU), the label PNG, the overlay (today's
+   float blend + Pillow JPEG; the integer blend + Pillow JPEG now used; ``overlay_tensor`` +
+   ``torchvision.io.encode_jpeg``), and a Parquet row (COCO RLE of every segment).
+2. **Throughput**: the real ``clasp segment`` path (:func:`clasp_torch.segment_run.build_segment_run`:
+   the same loaders, predictor, writer and trainer as the CLI) with CLASP replaced by a
+   constant-time **stub model** (it sleeps 1 ms per batch and returns cheap patchy labels), so
+   the figure is the host path alone, as on a GPU host where the model is fast. Formats
+   ``png --no-overlay``, ``png`` and ``parquet``, each under
+   * ``before``: main as it was before this change (commit 62a77b9): 0 DataLoader workers, the
+     writer encoding synchronously in the predict loop, its decoder (Pillow for every file) and
+     encoders (float overlay blend, label PNG at zlib level 6); for ``parquet``, which did not
+     exist, the same old settings and decoder with today's row encoder;
+   * ``after``: the new defaults (``--num-workers auto``, the writer's thread pool).
+   Sustained images/s: images after the first batch over the time from the end of the first
+   batch to the last output on disk.
+3. **Bound**: usable cores / the summed host CPU time per image of the parts each format runs
+   (decode + PNG [+ overlay], or decode + Parquet row), with ``after``'s encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from benchmarks.run import DEFAULT_IMAGE_DIR
+from clasp_torch.data import ImageLoadError, load_image
+from clasp_torch.io import segment_rows
+from clasp_torch.sources import FileSource, decode_image
+from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_num_workers
+from clasp_torch.viz import atomic_write_bytes, boundaries, colorize, encode_overlay_jpeg, label_png_bytes, overlay_image
+from clasp_torch.viz import overlay_tensor
+from clasp_torch.writers import SegmentationWriter, default_writer_threads, safe_output_path
+
+
+def dev_image_paths(tmp: str) -> list[str]:
+    """The COCO dev photos (or skimage's sample photos saved as JPEG under ``tmp``)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(DEFAULT_IMAGE_DIR, "*.jpg")))
+    if files:
+        return files
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        out.append(os.path.join(tmp, f"{name}.jpg"))
+        Image.fromarray(getattr(data, name)()[..., :3]).save(out[-1], quality=90)
+    return out
+
+
+def stub_labels(image: Tensor) -> Tensor:
+    """Cheap patchy labels (5 grey-level classes of the 16x downscaled image), ``(H, W)`` int64."""
+    H, W = image.shape[-2:]
+    small = F.avg_pool2d(image.float().mean(0)[None, None], 16, ceil_mode=True)
+    q = (small / 52).long().clamp(0, 4)
+    return q[0, 0].repeat_interleave(16, 0).repeat_interleave(16, 1)[:H, :W]
+
+
+class _StubOutput:
+    """The parts of :class:`~clasp_torch.pipeline.CLASPOutput` that ``predict_step`` reads."""
+
+    def __init__(self, labels: list[Tensor]) -> None:
+        self.labels_list = labels
+        self.k = torch.tensor([5] * len(labels))
+        self.k_opt = self.k
+
+    def label_map(self, i: int) -> Tensor:
+        return self.labels_list[i]
+
+
+class StubCLASP(nn.Module):
+    """A stand-in for CLASP that takes a constant time per batch (``sleep_s``, as a GPU model
+    would leave the host idle) and returns a cached patchy label map per image size; a
+    benchmark stub, not a model."""
+
+    def __init__(self, sleep_s: float = 0.001) -> None:
+        super().__init__()
+        self.sleep_s = sleep_s
+        self.backbone = nn.Identity()
+        self.backbone.patch_size, self.backbone.name = 16, "stub"  # type: ignore[assignment]
+        self.max_patches = 2500
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    def _device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _labels(self, image: Tensor) -> Tensor:
+        key = (int(image.shape[1]), int(image.shape[2]))
+        if key not in self._cache:
+            self._cache[key] = stub_labels(image)
+        return self._cache[key]
+
+    def forward(self, images: list[Tensor]) -> _StubOutput:
+        time.sleep(self.sleep_s)
+        return _StubOutput([self._labels(im) for im in images])
+
+
+class LegacyFileSource(FileSource):
+    """Main's decoding before this change (62a77b9): every file through Pillow (``load_image``)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        f = self.files[index]
+        item: dict[str, Any] = {"path": f.path, "name": f.name, "index": index, "part": self.part_of(index)}
+        try:
+            item["image"] = load_image(f.path)
+        except ImageLoadError as exc:
+            item.update(image=None, error=exc.reason)
+        return item
+
+
+class LegacyWriter(SegmentationWriter):
+    """The PNG writer of main before this change (62a77b9), for the ``before`` figures: float
+    overlay blend and Pillow JPEG (q90), label PNG at Pillow's default zlib level (6)."""
+
+    def _write_files(self, rec: dict[str, Any], name: str) -> None:
+        labels = rec["labels"]
+        base = str(safe_output_path(self.out_dir, name, ""))
+        if self.overlays:
+            img = rec["image"].permute(1, 2, 0).numpy()
+            lab = labels.numpy()
+            out = 0.5 * img.astype(np.float32) + 0.5 * colorize(lab).astype(np.float32)
+            out[boundaries(lab)] = 255
+            atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(out.clip(0, 255).astype(np.uint8)))
+        atomic_write_bytes(base + ".png", label_png_bytes(labels, compress_level=6))
+
+
+def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
+    fn(items[0])
+    runs = []
+    for _ in range(repeats):
+        ts = []
+        for it in items:
+            t0 = time.perf_counter()
+            fn(it)
+            ts.append(time.perf_counter() - t0)
+        runs.append(statistics.median(ts))
+    return 1000 * statistics.median(runs)
+
+
+def measure_parts(paths: list[str], device: str) -> dict[str, float]:
+    """Host ms per image of each part (one thread)."""
+    imgs = [load_image(p) for p in paths]
+    labs = [stub_labels(im) for im in imgs]
+    pairs = list(zip(imgs, labs))
+
+    def legacy_overlay(pair: tuple[Tensor, Tensor]) -> bytes:
+        img, lab = pair[0].permute(1, 2, 0).numpy(), pair[1].numpy()
+        out = 0.5 * img.astype(np.float32) + 0.5 * colorize(lab).astype(np.float32)
+        out[boundaries(lab)] = 255
+        return encode_overlay_jpeg(out.clip(0, 255).astype(np.uint8))
+
+    def tv_overlay(pair: tuple[Tensor, Tensor]) -> bytes:
+        from torchvision.io import encode_jpeg
+
+        return encode_jpeg(overlay_tensor(*pair), quality=90).numpy().tobytes()
+
+    parts = {
+        "decode_cpu": _median_ms(lambda p: decode_image(Path(p).read_bytes(), p), paths),
+        "decode_cpu_before": _median_ms(load_image, paths),
+        "label_png": _median_ms(lambda p: label_png_bytes(p[1]), pairs),
+        "label_png_zlib6_before": _median_ms(lambda p: label_png_bytes(p[1], compress_level=6), pairs),
+        "overlay": _median_ms(lambda p: encode_overlay_jpeg(overlay_image(*p)), pairs),
+        "overlay_before": _median_ms(legacy_overlay, pairs),
+        "overlay_torch_encode_jpeg": _median_ms(tv_overlay, pairs),
+        "parquet_row": _median_ms(lambda p: segment_rows(p[1]), pairs),
+    }
+    if device == "cuda":
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        data = [read_file(p) for p in paths]
+
+        def gpu_decode(d: Tensor) -> None:
+            decode_jpeg(d, mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.synchronize()
+
+        parts["decode_gpu"] = _median_ms(gpu_decode, data)
+    return parts
+
+
+class _Clock:
+    """Lightning callback: time at the end of the first batch, image counts."""
+
+    def __init__(self) -> None:
+        import lightning.pytorch as pl
+
+        outer = self
+
+        class CB(pl.Callback):
+            def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
+                if outer.t_first is None:
+                    outer.t_first, outer.n_first = time.perf_counter(), len(outputs)
+
+        self.callback = CB()
+        self.t_first: float | None = None
+        self.n_first = 0
+
+
+def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> float:
+    """Sustained images/s of one configuration (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SegmentConfig(
+            inputs=inputs, out=out, format="parquet" if fmt == "parquet" else "png", overlays=fmt == "png",
+            batch_size=batch_size, progress=False,
+            num_workers=0 if setting == "before" else "auto", writer_threads=0 if setting == "before" else None,
+        )
+        clock = _Clock()
+        run = build_segment_run(cfg, StubCLASP(sleep_s))
+        if setting == "before":
+            old = run.data.files
+            run.data.files = LegacyFileSource(old.files, old.part_size, old.part_offset)
+        if setting == "before" and fmt != "parquet":
+            legacy = LegacyWriter(out, overlays=cfg.overlays, threads=0, format="png")
+            run.trainer.callbacks = [c for c in run.trainer.callbacks if c is not run.writer] + [legacy]
+            run.writer = legacy
+        run.trainer.callbacks.append(clock.callback)
+        run.run()
+        t_end = time.perf_counter()
+        n = len(run.plan.files)
+        assert clock.t_first is not None
+        return (n - clock.n_first) / (t_end - clock.t_first)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=400, help="images per throughput run (dev photos, repeated)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--stub-ms", type=float, default=1.0, help="the stub model's time per batch")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    photo_dir = tempfile.TemporaryDirectory()
+    paths = dev_image_paths(photo_dir.name)
+    parts = measure_parts(paths[:20], args.device)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    sums = {
+        "png_no_overlay": parts["decode_cpu"] + parts["label_png"],
+        "png": parts["decode_cpu"] + parts["label_png"] + parts["overlay"],
+        "parquet": parts["decode_cpu"] + parts["parquet_row"],
+    }
+    bound = {k: cores / (v / 1000) for k, v in sums.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = []  # the dev photos repeated under distinct names (r0/…, r1/…)
+        for r in range(max(1, -(-args.images // len(paths)))):
+            d = Path(tmp) / f"r{r}"
+            d.mkdir()
+            for p in paths:
+                if len(inputs) < args.images:
+                    (d / Path(p).name).symlink_to(Path(p).resolve())
+                    inputs.append(str(d / Path(p).name))
+        res: dict[str, Any] = {"before": {}, "after": {}}
+        for fmt in ("png_no_overlay", "png", "parquet"):
+            for setting in ("before", "after"):
+                res[setting][fmt] = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
+                print(f"{fmt:15s} {setting:6s} {res[setting][fmt]:7.1f} images/s", file=sys.stderr, flush=True)
+    res["bound"] = bound
+    res["ratio_after_before"] = {k: res["after"][k] / res["before"][k] for k in bound}
+    res["after_over_bound"] = {k: res["after"][k] / bound[k] for k in bound}
+    res["parts_ms"] = parts
+    res["host"] = {"usable_cores": cores, "num_workers_auto": default_num_workers(),
+                   "writer_threads": default_writer_threads(), "images": args.images, "batch_size": args.batch_size,
+                   "stub_ms_per_batch": args.stub_ms}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

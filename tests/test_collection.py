@@ -1,0 +1,315 @@
+"""Collection runs: tar shards and @LIST inputs, Parquet output, DDP over shards, kill and resume,
+the writer's bounded queue."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clasp_torch.cli import main
+from clasp_torch.inputs import member_key
+from clasp_torch.io import iter_parquet_labels
+from clasp_torch.writers import BackgroundPool, read_logs
+from tests.conftest import photo
+
+SEG = ["--backbone", "efficientnet_lite0", "--no-crf", "--device", "cpu", "--quiet"]
+
+
+def _encoded(seed: int, fmt: str = "JPEG", h: int = 96, w: int = 128) -> bytes:
+    buf = io.BytesIO()
+    photo(seed, h, w).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _png_labels(out: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(out).with_suffix("").as_posix(): np.array(Image.open(p)) for p in out.rglob("*.png")}
+
+
+def test_member_key_groups_like_webdataset() -> None:
+    assert member_key("a/b.c.jpg") == ("a/b", "c.jpg")
+    assert member_key("x.jpg") == ("x", "jpg")
+    assert member_key("dir.v2/x.json") == ("dir.v2/x", "json")
+
+
+def test_tar_shard_and_list_inputs_with_bad_members(tmp_path: Path, capsys) -> None:
+    shard = _tar(tmp_path / "shards" / "s0.tar", [
+        ("k0.jpg", _encoded(0)), ("k0.json", b'{"a": 1}'),           # image + ignored metadata
+        ("k1.jpg", b"\xff\xd8 corrupt jpeg"),                        # corrupt member
+        ("k2.txt", b"only text"),                                    # no image member
+        ("k3.png", _encoded(3, "PNG")),
+    ])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo(5).save(photos / "p5.jpg")
+    lst = tmp_path / "inputs.txt"
+    lst.write_text(f"# a list\n\nphotos/p5.jpg\n{shard}\nphotos/missing.jpg\n")
+    out = tmp_path / "out"
+    rc = main(["segment", f"@{lst}", "--out", str(out), *SEG, "--num-workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    labels = _png_labels(out)
+    assert sorted(labels) == ["photos/p5", "shards/s0/k0", "shards/s0/k3"]
+    report = json.loads((out / "clasp_report.json").read_text())
+    fails = {Path(f["path"]).name: f["error"] for f in report["failures"]}
+    assert set(fails) == {"s0.tar:k1", "s0.tar:k2", "missing.jpg"}
+    assert "not an image" in fails["s0.tar:k1"] and "no image member" in fails["s0.tar:k2"]
+    assert report["ok"] == 3 and report["inputs"] == 6
+    # the shard's image equals the same file segmented directly
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "direct" / "k0.jpg").write_bytes(_encoded(0))
+    assert main(["segment", str(tmp_path / "direct" / "k0.jpg"), "--out", str(tmp_path / "o2"), *SEG,
+                 "--no-overlay", "--num-workers", "0"]) == 0
+    assert np.array_equal(_png_labels(tmp_path / "o2")["k0"], labels["shards/s0/k0"])
+
+
+def test_truncated_shard_is_one_failure_and_keeps_earlier_samples(tmp_path: Path) -> None:
+    full = _tar(tmp_path / "full.tar", [(f"k{i}.jpg", _encoded(i)) for i in range(3)])
+    data = full.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "out"
+    assert main(["segment", str(cut), "--out", str(out), *SEG, "--no-overlay", "--num-workers", "0"]) == 1
+    report = json.loads((out / "clasp_report.json").read_text())
+    assert report["ok"] >= 1 and any("truncated tar shard" in f["error"] for f in report["failures"])
+
+
+def test_parquet_round_trip_equals_the_png_route(tmp_path: Path) -> None:
+    _tar(tmp_path / "in" / "s0.tar", [("a.jpg", _encoded(1)), ("b.jpg", _encoded(2, h=64, w=80))])
+    for i in range(3):
+        photo(10 + i, 72, 100).save(tmp_path / "in" / f"f{i}.png")
+    inputs = [str(tmp_path / "in")]
+    png, pq = tmp_path / "png", tmp_path / "pq"
+    assert main(["segment", *inputs, "--out", str(png), *SEG, "--no-overlay"]) == 0
+    assert main(["segment", *inputs, "--out", str(pq), *SEG, "--format", "parquet", "--embeddings"]) == 0
+    ref = _png_labels(png)
+    assert sorted(p.name for p in pq.glob("part-*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+    got = dict(iter_parquet_labels(pq))
+    names = {"s0.tar:a": "s0/a", "s0.tar:b": "s0/b", **{f"f{i}.png": f"f{i}" for i in range(3)}}
+    assert {Path(k).name for k in got} == set(names)
+    for key, lab in got.items():
+        assert np.array_equal(lab.numpy(), ref[names[Path(key).name]].astype(np.int64)), key
+    import pyarrow.parquet as papq
+    from pycocotools import mask as mask_utils
+
+    table = papq.read_table(pq)  # the whole folder reads as one dataset
+    assert table.num_rows == 5 and table.column_names[:2] == ["key", "name"]
+    row = table.to_pylist()[0]
+    seg = row["segments"][0]
+    rle = {"size": seg["rle"]["size"], "counts": seg["rle"]["counts"].encode()}
+    assert mask_utils.area(rle) == seg["area"] and list(mask_utils.toBbox(rle)) == seg["bbox"]
+    assert len(seg["embedding"]) == 80 and all(len(s["embedding"]) == 80 for s in row["segments"])
+    assert {s["id"] for s in row["segments"]} == set(range(row["k"]))
+    # --resume skips finished parts
+    assert main(["segment", *inputs, "--out", str(pq), *SEG, "--format", "parquet", "--resume"]) == 0
+    assert json.loads((pq / "_clasp_report.json").read_text())["processed"] == 0
+
+
+def test_background_pool_queue_is_bounded() -> None:
+    pool = BackgroundPool(threads=2, max_pending=3)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def slow(i: int) -> None:
+        time.sleep(0.005)
+        with lock:
+            done.append(i)
+
+    for i in range(40):
+        pool.submit(slow, i)
+        assert len(pool._futures) <= 3
+    pool.drain()
+    pool.close()
+    assert sorted(done) == list(range(40)) and pool.peak_pending == 3
+    with pytest.raises(ValueError):
+        BackgroundPool(1, 0)
+
+
+def test_writer_queue_bound_holds_in_a_run(tmp_path: Path) -> None:
+    from clasp_torch.pipeline import CLASP
+    from clasp_torch.segment_run import SegmentConfig, build_segment_run
+    from tests.conftest import PatchMeanBackbone
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(12):
+        photo(i, 64, 64).save(d / f"p{i:02d}.png")
+    cfg = SegmentConfig(inputs=[str(d)], out=str(tmp_path / "out"), writer_threads=1, max_pending=2,
+                        num_workers=0, progress=False)
+    run = build_segment_run(cfg, CLASP(PatchMeanBackbone(), refiner=None, n_init=2))
+    peaks: list[int] = []
+    original = run.writer.write_on_batch_end
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        original(*args, **kwargs)
+        peaks.append(run.writer.pool.peak_pending)
+
+    run.writer.write_on_batch_end = spy  # type: ignore[method-assign]
+    run.run()
+    assert len(read_logs(tmp_path / "out")) == 12 and max(peaks) <= 2
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clasp_torch.cli", "segment", *args]
+
+
+def _wait_for(pred, timeout: float = 240.0) -> None:  # type: ignore[no-untyped-def]
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_kill_and_resume_gives_exactly_one_complete_output_per_input(tmp_path: Path, sig: int) -> None:
+    d = tmp_path / "in"
+    d.mkdir()
+    n = 24
+    for i in range(n):
+        photo(i, 80, 96).save(d / f"p{i:02d}.jpg")
+    (d / "bad.jpg").write_bytes(b"not a jpeg")
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [*SEG, "--num-workers", "1"]
+    assert subprocess.run(_cli(str(d), "--out", str(ref), *common), env=env, capture_output=True).returncode == 1
+    proc = subprocess.Popen(_cli(str(d), "--out", str(out), *common), env=env, stderr=subprocess.PIPE)
+    _wait_for(lambda: len(list(out.glob("p*.png"))) >= 3)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    done_first = {p.name for p in out.glob("p*.png")}
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert 3 <= len(done_first) < n, "the run was not interrupted mid-way"
+    for name in done_first:  # every output that exists is complete, overlay included
+        assert np.array_equal(np.array(Image.open(out / name)), np.array(Image.open(ref / name)))
+        Image.open(out / name.replace(".png", "_overlay.jpg")).load()
+    res = subprocess.run(_cli(str(d), "--out", str(out), *common, "--resume"), env=env, capture_output=True)
+    assert res.returncode == 1, res.stderr[-2000:]  # bad.jpg
+    report = json.loads((out / "clasp_report.json").read_text())
+    assert report["skipped_existing"] == len(done_first) and report["ok"] == n - len(done_first)
+    assert sorted(p.name for p in out.glob("p*.png")) == sorted(p.name for p in ref.glob("p*.png"))
+    for p in ref.glob("p*.png"):
+        assert np.array_equal(np.array(Image.open(out / p.name)), np.array(Image.open(p)))
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_over_two_shards_write_every_key_once(tmp_path: Path) -> None:
+    for s in range(2):
+        _tar(tmp_path / "in" / f"s{s}.tar", [(f"k{i:02d}.jpg", _encoded(10 * s + i, h=64, w=80)) for i in range(7)])
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(_cli(str(tmp_path / "in"), "--out", str(out), *SEG, "--format", "parquet", "--devices", "2",
+                              "--strategy", "ddp", "--batch-size", "2", "--num-workers", "1"),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    keys = [k for k, _ in iter_parquet_labels(out)]
+    expected = [f"{tmp_path / 'in'}/s{s}.tar:k{i:02d}" for s in range(2) for i in range(7)]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    recs = read_logs(out)
+    assert len(recs) == 14 and {Path(p).name for p in out.glob(".clasp_log.rank*.jsonl")} == {
+        ".clasp_log.rank0.jsonl", ".clasp_log.rank1.jsonl"}
+    assert torch.tensor([r["ok"] for r in recs]).all()
+
+
+def test_label_rles_equal_pycocotools_encode_of_each_mask() -> None:
+    from pycocotools import mask as mask_utils
+
+    from clasp_torch.io import _label_rles
+
+    rng = np.random.default_rng(0)
+    for trial in range(25):
+        H, W = (int(v) for v in rng.integers(1, 30, 2))
+        lab = rng.integers(-1, int(rng.integers(1, 6)), (H, W))
+        if trial % 3 == 0:  # blocky maps too (long runs)
+            lab = np.repeat(np.repeat(rng.integers(0, 4, (3, 3)), 10, 0), 10, 1)[:H, :W]
+        ids, rles = _label_rles(lab)
+        assert ids == sorted(int(v) for v in np.unique(lab) if v >= 0)
+        for sid, rle in zip(ids, rles):
+            ref = mask_utils.encode(np.asfortranarray((lab == sid).astype(np.uint8)))
+            assert rle["counts"] == ref["counts"] and list(rle["size"]) == [H, W]
+
+
+def test_decode_image_equals_pillow_on_real_photos_and_exif(tmp_path: Path) -> None:
+    from clasp_torch.data import load_image, load_image_bytes
+    from clasp_torch.sources import decode_image
+    from tests.conftest import DATA_ROOT
+
+    files = sorted((DATA_ROOT / "cocostuff-val-dev" / "images").glob("*.jpg"))[:10]
+    im = photo(3, 60, 90)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotated: H and W swap
+    p = tmp_path / "rot.jpg"
+    im.save(p, exif=exif)
+    for f in [*files, p]:
+        data = f.read_bytes()
+        assert torch.equal(decode_image(data, f.name), load_image(f)), f
+    assert decode_image(p.read_bytes(), "rot.jpg").shape == (3, 90, 60)
+    png = _encoded(1, "PNG")
+    assert torch.equal(decode_image(png, "x.png"), load_image_bytes(png))
+    with pytest.raises(Exception, match="not an image"):
+        decode_image(b"\xff\xd8 garbage", "x.jpg")
+
+
+def test_overlay_fast_path_equals_the_float_blend() -> None:
+    from clasp_torch.viz import boundaries, colorize, overlay, overlay_tensor
+
+    rng = np.random.default_rng(1)
+    for trial in range(15):
+        H, W = (int(v) for v in rng.integers(1, 40, 2))
+        img = torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8))
+        lab = torch.from_numpy(rng.integers(-1, int(rng.integers(1, 300)), (H, W)))
+        ref = 0.5 * img.permute(1, 2, 0).numpy().astype(np.float32) + 0.5 * colorize(lab.numpy()).astype(np.float32)
+        ref[boundaries(lab.numpy())] = 255
+        ref = ref.clip(0, 255).astype(np.uint8)
+        assert np.array_equal(overlay(img, lab), ref)
+        assert np.array_equal(overlay_tensor(img, lab).permute(1, 2, 0).numpy(), ref)
+
+
+def test_raw_jpeg_items_are_decoded_in_predict_step_with_fallback(tmp_path: Path) -> None:
+    """The --gpu-decode path (JPEG bytes decoded on the model's device), here on the CPU device."""
+    from clasp_torch.data import collate_images, load_image
+    from clasp_torch.inputs import FileInput
+    from clasp_torch.lightning import CLASPPredictor
+    from clasp_torch.pipeline import CLASP
+    from clasp_torch.sources import FileSource
+    from tests.conftest import PatchMeanBackbone
+
+    for i in range(2):
+        (tmp_path / f"g{i}.jpg").write_bytes(_encoded(i))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    photo(7).save(tmp_path / "p.png")
+    files = [FileInput(str(tmp_path / n), n) for n in ("g0.jpg", "bad.jpg", "p.png", "g1.jpg")]
+    src = FileSource(files, raw_jpeg=True)
+    batch = collate_images([src[i] for i in range(4)])
+    assert sum(e is not None for e in batch["encoded"]) == 3  # the PNG is decoded on the host
+    pred = CLASPPredictor(CLASP(PatchMeanBackbone(), refiner=None, n_init=2))
+    recs = pred.predict_step(batch, 0)
+    by_name = {r["name"]: r for r in recs}
+    assert "error" in by_name["bad.jpg"] and "labels" not in by_name["bad.jpg"]
+    for n in ("g0.jpg", "g1.jpg", "p.png"):
+        assert torch.equal(by_name[n]["image"], load_image(tmp_path / n))
+        assert by_name[n]["labels"].shape == (96, 128)
