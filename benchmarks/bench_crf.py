@@ -171,7 +171,9 @@ def main() -> None:
     timing = {}
     for nt in threads if device.type == "cpu" else [default_threads]:
         torch.set_num_threads(nt)
-        run_torch(timg, tlab, K, n_iter, device)  # warm-up
+        run_torch(timg, tlab, K, n_iter, device)  # warm-up of both sides
+        if have_pd:
+            run_pydensecrf(img, lab, K, n_iter)
         tp, tt = [], []
         for _ in range(args.reps):
             if have_pd:

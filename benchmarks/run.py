@@ -34,12 +34,22 @@ Every figure is the median over ``--repeats`` timed runs after one warm-up run; 
 
 The literal reference (``benchmarks/reference.py``: numpy ``eigh`` + sklearn ``KMeans(n_init=10)``
 + ``silhouette_score`` per K, then ``pydensecrf_refine``) runs in the same process on the very same
-backbone features of the first ``--ref-images`` images. Ratios printed:
+backbone features of the very images ours was timed on (all ``--images`` by default), right after
+each batch size, warmed up like ours (one untimed pass on the first image) and timed the same way:
+the median over ``--repeats`` passes of the pass's total divided by the number of images. Beside
+it, the *Gram-path reference* runs on the same features: the same numpy/sklearn code, except that
+the spectrum comes from ``eigh`` of the ``D x D`` Gram matrix (``reference_clasp(eigen="gram")``,
+the algebra clasp_torch uses), so its ratio shows what the torch clustering stages gain by
+themselves. Ratios printed:
 
 * spectral+clustering: reference ``reference_clasp`` per image / ours ``CLASP.cluster_features``
-  per image;
+  per image (and the same with the Gram-path reference);
 * whole pipeline with CRF: (backbone per image [ours, shared] + ``reference_clasp`` + nearest
   upsampling + ``pydensecrf_refine``) / ours ``forward`` with CRF per image.
+
+With ``--ref-images R`` below the number of timed images (to save time, e.g. on a GPU machine whose
+CPU runs the reference), ours is timed a second time on those first R images (in batches of the
+batch size; batch sizes above R get no ratio), so that a ratio always compares the same images.
 
 Usage::
 
@@ -463,26 +473,51 @@ def probe_stages(model: Any, imgs: list[torch.Tensor], device: torch.device,
 # ----------------------------------------------------------------------------- reference
 
 
+REFERENCE_VARIANTS = {"full": "", "gram": "gram_"}  # reference_clasp(eigen=...) -> prefix of its keys
+
+
 def run_reference(feats: torch.Tensor, grids: torch.Tensor, imgs: list[torch.Tensor], n: int,
-                  with_crf: bool = True) -> list[dict[str, float]]:
-    """Literal reference on the same features, image by image (seconds per image)."""
+                  with_crf: bool = True, repeats: int = 1) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The literal reference and its Gram-path variant on the same features of the first ``n``
+    images, ``repeats`` passes.
+
+    Returns ``(ms, records)``: ``ms[key]`` is the median over the passes of the pass's total
+    divided by ``n`` (ms per image; the statistic ``bench_batch`` reports for ours), for
+    ``spectral_cluster``, ``eigh``, ``kmeans``, ``silhouette`` (literal reference), the same keys
+    prefixed ``gram_`` (Gram-path reference) and ``crf`` (nearest upsampling + pydensecrf on the
+    literal reference's labels); ``records`` has K_opt / K of both variants per image.
+    """
     from benchmarks.reference import pixel_labels, pydensecrf_refine, reference_clasp
 
-    out = []
-    for i in range(min(n, feats.shape[0])):
-        h, w = int(grids[i, 0]), int(grids[i, 1])
-        f_np = feats[i, :h, :w].detach().double().cpu().numpy()
-        t0 = time.perf_counter()
-        ref = reference_clasp(f_np)
-        rec = {"spectral_cluster": time.perf_counter() - t0, "k": ref.k, "k_opt": ref.k_opt, **ref.timings}
-        if with_crf:
-            img = imgs[i].permute(1, 2, 0).cpu().numpy()
-            t0 = time.perf_counter()
-            lab = pixel_labels(ref.labels, img.shape[0], img.shape[1])
-            pydensecrf_refine(img, lab, ref.k)
-            rec["crf"] = time.perf_counter() - t0
-        out.append(rec)
-    return out
+    n = min(n, feats.shape[0])
+    passes: list[dict[str, float]] = []
+    records: list[dict[str, Any]] = []
+    for rep in range(repeats):
+        tot: dict[str, float] = {}
+        for i in range(n):
+            h, w = int(grids[i, 0]), int(grids[i, 1])
+            f_np = feats[i, :h, :w].detach().double().cpu().numpy()
+            rec: dict[str, Any] = {"image": i}
+            for eigen, pre in REFERENCE_VARIANTS.items():
+                t0 = time.perf_counter()
+                ref = reference_clasp(f_np, eigen=eigen)
+                dt = time.perf_counter() - t0
+                for key, v in (("spectral_cluster", dt), *ref.timings.items()):
+                    tot[pre + key] = tot.get(pre + key, 0.0) + v
+                rec[pre + "k"], rec[pre + "k_opt"] = ref.k, ref.k_opt
+                if eigen == "full":
+                    literal = ref
+            if with_crf:
+                img = imgs[i].permute(1, 2, 0).cpu().numpy()
+                t0 = time.perf_counter()
+                lab = pixel_labels(literal.labels, img.shape[0], img.shape[1])
+                pydensecrf_refine(img, lab, literal.k)
+                tot["crf"] = tot.get("crf", 0.0) + time.perf_counter() - t0
+            if rep == 0:
+                records.append(rec)
+        passes.append(tot)
+    ms = {key: 1000 * statistics.median(p[key] for p in passes) / max(n, 1) for key in passes[0]} if passes else {}
+    return ms, records
 
 
 # ----------------------------------------------------------------------------- driver
@@ -590,20 +625,27 @@ def markdown_tables(results: list[BatchResult], ref: dict[str, float] | None, me
                      f"{r.whole_nocrf_ms_per_image:.1f} | {r.images_per_s_nocrf:.2f} | {r.peak_mem_nocrf_mib:.0f} | "
                      f"{'yes' if r.k_consistent else 'no'} |")
     if ref:
-        lines += ["", f"Literal CPU reference (`benchmarks/reference.py`, numpy/sklearn/pydensecrf) on the same features of "
-                  f"{ref['n']} images, timed right after each batch size (median per image). Reference whole = backbone "
-                  f"(ours, same features) + reference_clasp + nearest upsampling + pydensecrf; ours whole = `CLASP.forward` "
-                  f"with the CRF.", "",
-                  "| batch | reference_clasp ms (eigh / KMeans / silhouette) | pydensecrf ms | spectral+clustering: reference / ours "
-                  "| target | whole with CRF: reference / ours | target |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        intro = ("References on the same features of the same images as ours (`benchmarks/reference.py`, numpy/sklearn/"
+                 f"pydensecrf), warmed up, timed right after each batch size, median of {meta['repeats']} passes per image. "
+                 "Literal: numpy `eigh` of the n x n affinity; Gram path: numpy `eigh` of the D x D Gram matrix (clasp_torch's "
+                 "algebra), the same sklearn `KMeans(n_init=10)` and `silhouette_score` per K. Reference whole = backbone "
+                 "(ours, same features) + reference spectral+clustering + nearest upsampling + pydensecrf; ours whole = "
+                 "`CLASP.forward` with the CRF.")
+        header = ("| batch | images | literal reference ms (eigh / KMeans / silhouette) | Gram-path reference ms (eigh / "
+                  "KMeans / silhouette) | pydensecrf ms | ours `cluster_features` ms | spectral+clustering: literal / ours "
+                  "| Gram path / ours | whole with CRF: literal / ours | Gram path / ours |")
+        lines += ["", intro, "", header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in results:
             rf = r.extras.get("reference")
             if not rf:
                 continue
-            lines.append(f"| {r.batch_size} | {rf['spectral_cluster_ms']:.0f} ({rf['eigh_ms']:.0f} / {rf['kmeans_ms']:.0f} / "
-                         f"{rf['silhouette_ms']:.0f}) | {rf['crf_ms']:.0f} | {r.extras['ratio_spectral_cluster']:.1f}x | >= 20x | "
-                         f"{r.extras['ratio_whole_crf']:.2f}x | >= 2x |")
+            mine = r.extras["ours_on_reference_images"]
+            lines.append(f"| {r.batch_size} | {rf['n']} | {rf['spectral_cluster']:.0f} ({rf['eigh']:.0f} / {rf['kmeans']:.0f} / "
+                         f"{rf['silhouette']:.0f}) | {rf['gram_spectral_cluster']:.0f} ({rf['gram_eigh']:.1f} / "
+                         f"{rf['gram_kmeans']:.0f} / {rf['gram_silhouette']:.0f}) | {rf['crf']:.0f} | "
+                         f"{mine['spectral_cluster_ms']:.0f} | {r.extras['ratio_spectral_cluster']:.2f}x | "
+                         f"{r.extras['ratio_spectral_cluster_gram']:.2f}x | {r.extras['ratio_whole_crf']:.2f}x | "
+                         f"{r.extras['ratio_whole_crf_gram']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -618,7 +660,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3; 1 with --quick)")
     ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"), help="input size (default 640 480)")
     ap.add_argument("--image-dir", default=None)
-    ap.add_argument("--ref-images", type=int, default=None, help="images run through the literal reference (default min(images, 4))")
+    ap.add_argument("--ref-images", type=int, default=None,
+                    help="images run through the references (default: all --images); with fewer, ours is timed "
+                         "again on those same images for the ratios")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-crf", action="store_true", help="skip the CRF (and the with-CRF whole-pipeline runs)")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype of the backbone")
@@ -634,13 +678,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch_sizes = args.batch_sizes or [1, 2]
         args.size = args.size or [128, 96]
         args.repeats = args.repeats or 1
-        args.ref_images = 1 if args.ref_images is None else args.ref_images
     args.batch_sizes = args.batch_sizes or [1, 8, 32]
     args.size = tuple(args.size or (640, 480))
     args.repeats = args.repeats or 3
     args.images = args.images or max(args.batch_sizes)
-    if args.ref_images is None:
-        args.ref_images = min(args.images, 4)
+    if args.ref_images is None or args.ref_images > args.images:
+        args.ref_images = args.images
     return args
 
 
@@ -671,14 +714,14 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
 
     ref_on = not args.no_reference and args.ref_images > 0
     if ref_on:
-        # the reference runs on the very same backbone features (of the first --ref-images images)
+        # the references run on the very same backbone features of the very images ours is timed on
         ref_imgs = imgs[: args.ref_images]
         ref_feats, _, ref_grids = model.extract_features(ref_imgs)
-        run_reference(ref_feats[:1], ref_grids[:1], ref_imgs[:1], 1, with_crf=not args.no_crf)  # warm-up (imports, BLAS)
+        run_reference(ref_feats, ref_grids, ref_imgs, 1, with_crf=not args.no_crf)  # warm-up (imports, BLAS)
 
     results: list[BatchResult] = []
     last_info: dict[str, Any] = {}
-    ref_records: list[dict[str, float]] = []
+    ref_records: list[dict[str, Any]] = []
     for bs in args.batch_sizes:
         t0 = time.perf_counter()
         r, last_info = bench_batch(model, imgs, bs, args.repeats, device, with_crf=not args.no_crf)
@@ -691,24 +734,40 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
               f"peak {r.peak_mem_nocrf_mib:.0f} MiB) | K consistent={r.k_consistent} | {time.perf_counter() - t0:.0f}s", flush=True)
         if not ref_on:
             continue
-        # reference timed right after this batch size (adjacent in time: fairer on a machine whose load varies)
-        recs = run_reference(ref_feats, ref_grids, ref_imgs, args.ref_images, with_crf=not args.no_crf)
+        # ours on exactly the images the references run on
+        n_ref = min(args.ref_images, r.n_images)
+        if n_ref < bs:
+            print(f"[reference] batch {bs}: fewer reference images ({n_ref}) than the batch size, no ratio", flush=True)
+            continue
+        mine = r if n_ref == r.n_images else bench_batch(model, imgs[:n_ref], bs, args.repeats, device,
+                                                          with_crf=not args.no_crf)[0]
+        n_ref = mine.n_images
+        # references timed right after this batch size (adjacent in time: fairer on a machine whose load varies)
+        ref, recs = run_reference(ref_feats, ref_grids, ref_imgs, n_ref, with_crf=not args.no_crf, repeats=args.repeats)
         ref_records += [{"after_batch_size": bs, **x} for x in recs]
-        med = lambda key: 1000 * statistics.median(x.get(key, float("nan")) for x in recs)  # noqa: E731
-        ref = {"n": len(recs), "spectral_cluster_ms": med("spectral_cluster"), "eigh_ms": med("eigh"),
-               "kmeans_ms": med("kmeans"), "silhouette_ms": med("silhouette"),
-               "crf_ms": med("crf") if not args.no_crf else 0.0}
-        sc = ref["spectral_cluster_ms"] / r.spectral_cluster_ms_per_image
-        ref_whole = r.stage_ms_per_image["backbone"] + ref["spectral_cluster_ms"] + ref["crf_ms"]
-        ours_whole = r.whole_crf_ms_per_image if not args.no_crf else r.whole_nocrf_ms_per_image
-        r.extras.update(reference=ref, ratio_spectral_cluster=sc, ratio_whole_crf=ref_whole / ours_whole)
-        print(f"[reference after batch {bs}] {len(recs)} images, per image: reference_clasp {ref['spectral_cluster_ms']:.0f} ms "
-              f"(eigh {ref['eigh_ms']:.0f}, KMeans {ref['kmeans_ms']:.0f}, silhouette {ref['silhouette_ms']:.0f}), "
-              f"pydensecrf {ref['crf_ms']:.0f} ms", flush=True)
-        print(f"[ratio batch {bs}] spectral+clustering reference/ours = {sc:.1f}x (target >= 20x); "
-              f"whole pipeline{' with CRF' if not args.no_crf else ''} reference/ours = {ref_whole / ours_whole:.2f}x "
-              f"(target >= 2x)", flush=True)
-    ref_summary = {"n": args.ref_images} if ref_on else None
+        ref.setdefault("crf", 0.0)
+        ref["n"] = n_ref
+        ref["k_agreement_gram"] = sum(x["k"] == x["gram_k"] for x in recs) / max(len(recs), 1)
+        ours_sc = mine.spectral_cluster_ms_per_image
+        ours_whole = mine.whole_crf_ms_per_image if not args.no_crf else mine.whole_nocrf_ms_per_image
+        ratios = {}
+        for pre in REFERENCE_VARIANTS.values():
+            ratios[pre + "sc"] = ref[pre + "spectral_cluster"] / ours_sc
+            ratios[pre + "whole"] = (mine.stage_ms_per_image["backbone"] + ref[pre + "spectral_cluster"] + ref["crf"]) / ours_whole
+        r.extras.update(reference=ref, ours_on_reference_images={"n": n_ref, "spectral_cluster_ms": ours_sc,
+                                                                 "whole_ms": ours_whole},
+                        ratio_spectral_cluster=ratios["sc"], ratio_whole_crf=ratios["whole"],
+                        ratio_spectral_cluster_gram=ratios["gram_sc"], ratio_whole_crf_gram=ratios["gram_whole"])
+        print(f"[reference after batch {bs}] {n_ref} images (the images ours was timed on), {args.repeats} repeats, "
+              f"per image: reference_clasp {ref['spectral_cluster']:.0f} ms (eigh {ref['eigh']:.0f}, KMeans "
+              f"{ref['kmeans']:.0f}, silhouette {ref['silhouette']:.0f}); Gram-path reference {ref['gram_spectral_cluster']:.0f} ms "
+              f"(eigh {ref['gram_eigh']:.0f}, KMeans {ref['gram_kmeans']:.0f}, silhouette {ref['gram_silhouette']:.0f}); "
+              f"pydensecrf {ref['crf']:.0f} ms", flush=True)
+        print(f"[ratio batch {bs}] spectral+clustering reference/ours = {ratios['sc']:.1f}x (target >= 20x), "
+              f"Gram-path reference/ours = {ratios['gram_sc']:.1f}x; whole pipeline{' with CRF' if not args.no_crf else ''} "
+              f"reference/ours = {ratios['whole']:.2f}x (target >= 2x), Gram-path reference/ours = {ratios['gram_whole']:.2f}x",
+              flush=True)
+    ref_summary = {"n": args.ref_images, "repeats": args.repeats} if ref_on else None
 
     feats = last_info.get("features")
     meta = {
@@ -734,14 +793,16 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             wr.writerow(["device", "backbone", "batch_size", "n_images", *[f"{s}_ms" for s in STAGES],
                          "cluster_features_ms", "whole_crf_ms", "images_per_s_crf", "peak_mem_crf_mib",
                          "whole_nocrf_ms", "images_per_s_nocrf", "peak_mem_nocrf_mib", "ratio_spectral_cluster",
-                         "ratio_whole_crf", "k_consistent"])
+                         "ratio_whole_crf", "k_consistent", "ratio_spectral_cluster_gram", "ratio_whole_crf_gram"])
             for r in results:
                 wr.writerow([str(device), args.backbone, r.batch_size, r.n_images,
                              *[f"{r.stage_ms_per_image[s]:.3f}" for s in STAGES], f"{r.spectral_cluster_ms_per_image:.3f}",
                              f"{r.whole_crf_ms_per_image:.3f}", f"{r.images_per_s_crf:.4f}", f"{r.peak_mem_crf_mib:.1f}",
                              f"{r.whole_nocrf_ms_per_image:.3f}", f"{r.images_per_s_nocrf:.4f}", f"{r.peak_mem_nocrf_mib:.1f}",
                              f"{r.extras.get('ratio_spectral_cluster', float('nan')):.3f}",
-                             f"{r.extras.get('ratio_whole_crf', float('nan')):.3f}", int(r.k_consistent)])
+                             f"{r.extras.get('ratio_whole_crf', float('nan')):.3f}", int(r.k_consistent),
+                             f"{r.extras.get('ratio_spectral_cluster_gram', float('nan')):.3f}",
+                             f"{r.extras.get('ratio_whole_crf_gram', float('nan')):.3f}"])
     payload = {"meta": meta, "results": [asdict(r) for r in results], "reference": ref_summary, "reference_images": ref_records}
     if args.json:
         _makedirs_for(args.json)

@@ -13,7 +13,8 @@ clustering work is comparable across ``n`` (the elbow is still run and timed). T
 
 CRF: the torch dense CRF (``crf_refine_labels``, 20 mean-field iterations, pydensecrf's default
 kernels) on a real photo resized to each size in ``--megapixels`` (default 0.1 .. 4 MP, 4:3) with 8
-labels; pydensecrf on the same inputs up to ``--crf-ref-max`` megapixels (CPU reference).
+labels; pydensecrf on the same inputs up to ``--crf-ref-max`` megapixels (CPU reference). Both sides
+run once untimed at each size (warm-up), then ``--repeats`` interleaved timed runs; medians.
 
 Outputs (``--out-dir``, default ``benchmarks/out``): ``scaling_spectral.csv``,
 ``scaling_crf.csv``, ``scaling_spectral.png``, ``scaling_crf.png``, and log-log slope estimates
@@ -107,25 +108,23 @@ def time_crf(mp: float, device: torch.device, repeats: int, with_ref: bool, n_la
     code = ((small[0] // 86) * 9 + (small[1] // 86) * 3 + small[2] // 86) % n_labels
     lab = code.repeat_interleave(16, 0).repeat_interleave(16, 1)[:H, :W].contiguous()
     ti, tl = img[None].to(device), lab[None].to(device)
-    with PeakMemory(device) as pm:
-        crf_refine_labels(ti, tl, n_labels)
-    ts = []
-    for _ in range(repeats):
-        _, dt = timed(lambda: crf_refine_labels(ti, tl, n_labels), device)
-        ts.append(dt)
-    rec: dict[str, Any] = {"megapixels": W * H / 1e6, "W": W, "H": H, "torch_s": statistics.median(ts),
-                           "peak_mib": pm.delta_mib, "pydensecrf_s": float("nan")}
+    im_np, lab_np = img.permute(1, 2, 0).numpy(), lab.numpy()
     if with_ref:
         from benchmarks.reference import pydensecrf_refine
 
-        im_np, lab_np = img.permute(1, 2, 0).numpy(), lab.numpy()
-        tr = []
-        for _ in range(repeats):
+        pydensecrf_refine(im_np, lab_np, n_labels)  # warm-up at this size, like the torch side's below
+    with PeakMemory(device) as pm:  # torch warm-up at this size (and its memory)
+        crf_refine_labels(ti, tl, n_labels)
+    ts, tr = [], []
+    for _ in range(repeats):  # interleaved: both sides see the same machine load
+        _, dt = timed(lambda: crf_refine_labels(ti, tl, n_labels), device)
+        ts.append(dt)
+        if with_ref:
             t0 = time.perf_counter()
             pydensecrf_refine(im_np, lab_np, n_labels)
             tr.append(time.perf_counter() - t0)
-        rec["pydensecrf_s"] = statistics.median(tr)
-    return rec
+    return {"megapixels": W * H / 1e6, "W": W, "H": H, "torch_s": statistics.median(ts), "peak_mib": pm.delta_mib,
+            "pydensecrf_s": statistics.median(tr) if tr else float("nan")}
 
 
 def loglog_slope(x: list[float], y: list[float]) -> float:

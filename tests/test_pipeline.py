@@ -90,8 +90,9 @@ def test_invalid_arguments_name_the_argument() -> None:
 
 
 def test_real_photo_with_offline_backbone(effnet) -> None:
-    skimage = pytest.importorskip("skimage")
-    arr = skimage.data.coffee()
+    from skimage import data
+
+    arr = data.coffee()
     im = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     model = CLASP(effnet, refiner=None)
     out = model(im)
@@ -102,12 +103,16 @@ def test_real_photo_with_offline_backbone(effnet) -> None:
 
 @pytest.mark.slow
 def test_matches_literal_reference_on_cocostuff_dev(coco_dir) -> None:
-    """Chosen K and Hungarian mIoU vs numpy eigh + sklearn on the same features (issue 2)."""
+    """K_opt, chosen K and Hungarian mIoU vs numpy eigh + sklearn on the same features (issue 2).
+
+    Measured on the 50 images: K_opt and K agree on every image; mIoU 23.375 vs 23.360, pixel
+    accuracy 50.751 vs 50.760 (the k-means optima of a few images differ by a few patches). A
+    different K_opt or K on any image fails; the bounds on the scores are the printed decimal."""
     from benchmarks.compare_reference import compare
 
     c = compare(str(coco_dir), "cocostuff", progress=False)
     assert c.n_images == 50
-    assert c.k_opt_agreement >= 0.95
-    assert c.k_agreement >= 0.9
-    assert abs(c.ours["miou"] - c.reference["miou"]) <= 1.0
-    assert abs(c.ours["pixel_accuracy"] - c.reference["pixel_accuracy"]) <= 1.0
+    assert c.k_opt_agreement == 1.0
+    assert c.k_agreement == 1.0
+    assert c.ours["miou"] == pytest.approx(c.reference["miou"], abs=0.05)
+    assert c.ours["pixel_accuracy"] == pytest.approx(c.reference["pixel_accuracy"], abs=0.05)

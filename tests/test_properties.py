@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from benchmarks.reference import k_band as np_band
 from clasp_torch.cluster import kmeans, select_k
 from clasp_torch.pipeline import CLASP
 from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
@@ -90,19 +91,42 @@ def _batch(specs: list[tuple], d: int) -> tuple[torch.Tensor, torch.Tensor, list
     return feats, mask, singles
 
 
+def _check_scores(model: CLASP, sel, k_opt: torch.Tensor, n: torch.Tensor) -> None:
+    """The silhouettes an image reports: NaN exactly outside the K it searched, a silhouette
+    (in [-1, 1]) for every K it searched, which is a run of consecutive K inside the literal
+    band of its K_opt (``benchmarks.reference.k_band``: 2 <= K <= n - 1) starting at the band's
+    low end (fixed K: one K, at most the fixed one: fewer distinct rows cap it), and the chosen K
+    has the best score, ties to the smaller K."""
+    for i in range(len(n)):
+        s = sel.scores[i].double()
+        searched = ~torch.isnan(s)
+        ks = sel.k_values[searched].tolist()
+        k = int(sel.k[i])
+        if k == 1:
+            assert not ks, "one segment: no K searched"
+            continue
+        assert ks == list(range(ks[0], ks[-1] + 1)) and k in ks
+        assert torch.all(s[searched].abs() <= 1 + 1e-6)
+        if model.fixed_k is not None:
+            assert len(ks) == 1 and 2 <= ks[0] <= min(model.fixed_k, int(n[i]) - 1), ks
+        else:
+            band = np_band(int(k_opt[i]), int(n[i]))
+            assert set(ks) <= set(band) and ks[0] == band[0], (ks, band)
+        best = s[searched]
+        assert ks[int(torch.argmax(best))] == k and float(best.max()) == float(s[sel.k_values == k])
+
+
 def _check(model: CLASP, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     labels, k_opt, evals, sel = model.cluster_features(feats, mask)
     assert torch.isfinite(evals).all()
-    assert not torch.isnan(sel.scores[~torch.isnan(sel.scores)]).any()
     n = mask.flatten(1).sum(-1)
     assert torch.all(sel.k >= 1) and torch.all(sel.k <= n)
     assert torch.all(k_opt >= 1)
+    _check_scores(model, sel, k_opt, n)
     for i in range(len(n)):
         lab = labels[i][mask[i]]
         assert lab.min() >= 0 and lab.max() < sel.k[i]
         assert torch.all(labels[i][~mask[i]] == -1)
-        if int(sel.k[i]) == 1:
-            assert torch.all(lab == 0)
     return labels, sel.k
 
 

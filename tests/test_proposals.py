@@ -28,7 +28,8 @@ def _small(img: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    skd = pytest.importorskip("skimage.data")
+    from skimage import data as skd
+
     return [_small(skd.coffee(), (200, 300)), _small(skd.chelsea(), (176, 264))]
 
 
@@ -160,8 +161,11 @@ def test_refined_labels_vs_coarse_and_empty_slot(model: CLASP, images: list[torc
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2 copy keyword
 def test_coco_rle_round_trip(batch) -> None:
-    mask_utils = pytest.importorskip("pycocotools.mask")
+    """RLEs decode (pycocotools) to the masks; pycocotools' own box and area of each RLE are the
+    proposal's box (xyxy, inclusive) and area."""
     import json
+
+    from pycocotools import mask as mask_utils
 
     out, p = batch
     res = to_coco_rle(p, image_ids=[11, 22])
@@ -175,9 +179,10 @@ def test_coco_rle_round_trip(batch) -> None:
         dec = mask_utils.decode(r["segmentation"])
         assert dec.shape == (H, W)
         np.testing.assert_array_equal(dec.astype(bool), p.masks[b, s, :H, :W].numpy())
-        assert r["area"] == p.areas[b, s].item()
-        x1, y1, x2, y2 = p.boxes[b, s].tolist()
-        assert r["bbox"] == [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+        assert r["area"] == p.areas[b, s].item() == int(mask_utils.area(r["segmentation"]))
+        x, y, w, h = mask_utils.toBbox(r["segmentation"]).tolist()
+        assert p.boxes[b, s].tolist() == [x, y, x + w - 1, y + h - 1]
+        assert r["bbox"] == [x, y, w, h]
     with pytest.raises(ValueError, match="image_ids"):
         to_coco_rle(p, image_ids=[1])
 
@@ -210,6 +215,16 @@ def test_core_vs_numpy_on_random_maps() -> None:
             assert counts[b, s].item() == int(sel.sum())
             if sel.any():
                 torch.testing.assert_close(emb[b, s], f[b][sel].mean(0))
+    # background cue: 1 - ||mean of the unit feature rows of the segment's patches|| (numpy)
+    fn = f.double().numpy()
+    for b in range(B):
+        for s in range(S):
+            rows = fn[b][(pl[b] == s).numpy()]
+            if len(rows):
+                u = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+                assert bg[b, s].item() == pytest.approx(1 - np.linalg.norm(u.mean(0)), abs=1e-6)
+            else:
+                assert torch.isnan(bg[b, s])
     torch.testing.assert_close(bg, background_score(f.flatten(1, 2), pl.flatten(1), pm.flatten(1), S), equal_nan=True)
 
 

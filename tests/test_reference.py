@@ -1,8 +1,6 @@
 import numpy as np
-import pytest
 
-pytest.importorskip("sklearn")
-from benchmarks.reference import (  # noqa: E402
+from benchmarks.reference import (
     eigengap_elbow, hungarian_miou_stats, k_band, pixel_labels, reference_clasp,
 )
 
@@ -63,7 +61,6 @@ def test_hungarian_stats():
 
 
 def test_pydensecrf_refine_runs():
-    pytest.importorskip("pydensecrf")
     from benchmarks.reference import pydensecrf_refine
 
     rng = np.random.default_rng(0)

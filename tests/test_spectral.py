@@ -136,17 +136,49 @@ def test_affinity_is_plain_cosine() -> None:
     fn = f / f.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(a, fn @ fn.transpose(1, 2))
     assert (a < 0).any(), "no clipping"
-    assert (affinity_matrix(f, kind="cosine_clipped") >= 0).all()
+
+
+def _np_affinity(f: np.ndarray, kind: str, sigma: float | None = None) -> np.ndarray:
+    """The ablation affinities of ``affinity_matrix``'s docstring, from scipy's distances."""
+    from scipy.spatial.distance import cdist
+
+    fh = f / np.linalg.norm(f, axis=1, keepdims=True)
+    cos = 1.0 - cdist(fh, fh, "cosine")
+    if kind == "cosine_clipped":
+        return np.maximum(cos, 0.0)
+    if kind == "gaussian":
+        d = cdist(fh, fh, "euclidean")
+        if sigma is None:  # median of the n x n distances (lower median, as torch's), diagonal included
+            sigma = np.sort(d.ravel())[(d.size - 1) // 2]
+        return np.exp(-(d**2) / (2 * sigma**2))
+    w = np.maximum(cos, 0.0)  # laplacian: D^-1/2 W D^-1/2 of the clipped cosine
+    dinv = 1.0 / np.sqrt(w.sum(1))
+    return dinv[:, None] * w * dinv[None, :]
+
+
+@pytest.mark.parametrize("kind, sigma", [("cosine_clipped", None), ("gaussian", None), ("gaussian", 0.7),
+                                         ("laplacian", None)])
+def test_ablation_affinities_match_numpy_formulas(kind: str, sigma: float | None) -> None:
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 29:] = False  # a padded image: its affinity is that of its 29 real rows, zero elsewhere
+    a = affinity_matrix(f, mask, kind=kind, sigma=sigma).numpy()
+    for b, n in ((0, 40), (1, 29)):
+        np.testing.assert_allclose(a[b, :n, :n], _np_affinity(f[b, :n].numpy(), kind, sigma), atol=1e-12)
+        assert not a[b, n:].any() and not a[b, :, n:].any()
 
 
 @pytest.mark.parametrize("kind", ["cosine_clipped", "gaussian", "laplacian"])
-def test_full_path_ablations_are_symmetric_eigh(kind: str) -> None:
+def test_full_path_ablations_are_the_eigh_of_the_numpy_affinity(kind: str) -> None:
     g = torch.Generator().manual_seed(4)
     f = torch.randn(1, 60, 6, generator=g, dtype=torch.float64)
     res = spectral_decomposition(f, affinity=kind)
-    a = affinity_matrix(f, kind=kind)[0].numpy()
-    w = np.linalg.eigvalsh(a)[::-1]
+    w, v = np.linalg.eigh(_np_affinity(f[0].numpy(), kind))
+    w, v = w[::-1], v[:, ::-1]
     np.testing.assert_allclose(res.eigenvalues[0].numpy(), w, atol=1e-8)
+    k = 6
+    _assert_same_subspaces(res.eigenvectors[0, :, :k].numpy(), v[:, :k], w[:k])
 
 
 def test_normalize_rejects_nan() -> None:
