@@ -379,7 +379,7 @@ def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF (the paper's patch variant)")
     p.add_argument("--crf-max-pixels", type=int, default=None,
                    help="working-resolution cap of the CRF: larger images are refined downscaled to this many "
-                        "pixels and brought back to their size (default 2**20, about 1 MP: dev-set images untouched)")
+                        "pixels and brought back to their size (default 2**19 = 524,288: every dev-set image untouched)")
     p.add_argument("--fixed-k", type=int, default=None, help="fixed number of segments instead of adaptive K")
     p.add_argument("--k-selector", default="eigengap", choices=["eigengap", "entropy"])
 

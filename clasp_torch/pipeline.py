@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, get_backbone
 from .cluster import ClusterSelection, _check_int, select_k
+from .crf_resolution import DEFAULT_CRF_BATCH_PIXELS, DEFAULT_CRF_MAX_PIXELS, crf_refine_labels_bounded
 from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
 from .spectral import AffinityKind, EigenMethod, eigengap_elbow, k_band, spectral_decomposition
 
@@ -113,7 +114,28 @@ def images_to_list(images: ImagesLike) -> list[Tensor]:
             raise ValueError(f"images[{i}] must have shape (3, H, W) (RGB), got {tuple(im.shape)}")
         if not (im.dtype == torch.uint8 or im.is_floating_point()):
             raise ValueError(f"images[{i}] has dtype {im.dtype}; expected uint8 (0..255) or float (0..1)")
+    _check_float_range(imgs)
     return imgs
+
+
+FLOAT_RANGE_TOLERANCE = 1e-3
+"""Float images may exceed [0, 1] by this much (rounding) before they are rejected."""
+
+
+def _check_float_range(imgs: Sequence[Tensor]) -> None:
+    """Float images must lie in [0, 1] (NaN rejected): a 0..255 float image would otherwise be
+    clipped to white and segmented silently."""
+    floats = [(i, im) for i, im in enumerate(imgs) if im.is_floating_point() and im.numel()]
+    if not floats or any(im.device.type == "meta" for _, im in floats):
+        return
+    lo = torch.stack([im.amin() for _, im in floats]).float().cpu().tolist()  # one host sync
+    hi = torch.stack([im.amax() for _, im in floats]).float().cpu().tolist()
+    for (i, _), a, b in zip(floats, lo, hi):
+        if not (a >= -FLOAT_RANGE_TOLERANCE and b <= 1 + FLOAT_RANGE_TOLERANCE):
+            raise ValueError(
+                f"images[{i}] is a float image with values in [{a:g}, {b:g}]; float images must lie in [0, 1]. "
+                "Divide by 255 (e.g. read_image(path).float() / 255) or pass the uint8 tensor as it is."
+            )
 
 
 def pad_images(imgs: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -151,12 +173,13 @@ def upsample_labels(patch_labels: Tensor, grid_sizes: Tensor, image_sizes: Tenso
     xs = torch.arange(Wm, device=dev).double().view(1, Wm)
     ry = torch.floor(ys * (gs[:, :1] / isz[:, :1])).long().clamp(max=hm - 1)  # (B, Hm)
     rx = torch.floor(xs * (gs[:, 1:] / isz[:, 1:])).long().clamp(max=wm - 1)  # (B, Wm)
-    idx = ry.unsqueeze(-1) * wm + rx.unsqueeze(1)  # (B, Hm, Wm)
-    out = patch_labels.reshape(B, -1).gather(1, idx.reshape(B, -1)).view(B, Hm, Wm)
-    valid = (ys.long().view(1, Hm, 1) < image_sizes[:, :1].to(dev).view(B, 1, 1)) & (
-        xs.long().view(1, 1, Wm) < image_sizes[:, 1:].to(dev).view(B, 1, 1)
-    )
-    return out.masked_fill(~valid, -1)
+    # per image: patch rows widened to pixels once, then row copies (no full-size index or mask)
+    out = torch.empty(B, Hm, Wm, dtype=patch_labels.dtype, device=dev)
+    for b, (H, W) in enumerate(image_sizes.tolist()):
+        torch.index_select(patch_labels[b].index_select(1, rx[b]), 0, ry[b], out=out[b])
+        out[b, H:] = -1
+        out[b, :, W:] = -1
+    return out
 
 
 class CLASP(nn.Module):
@@ -178,7 +201,19 @@ class CLASP(nn.Module):
         refiner: the pixel-level refinement stage: ``"crf"`` (default; the dense CRF),
             ``None``/``"none"`` (patch variant: nearest upsampling only) or an ``nn.Module``
             called as ``refiner(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W))``.
-        crf_params: keyword arguments of :class:`clasp_torch.crf.DenseCRF`.
+        crf_params: keyword arguments of :class:`clasp_torch.crf.DenseCRF`, and of
+            :func:`clasp_torch.crf_resolution.crf_refine_labels_bounded` (``upsample``,
+            ``scale_bandwidths``).
+        crf_max_pixels: working-resolution cap of the CRF (default ``2**19``, ~0.5 MP): a larger
+            image is refined downscaled to at most this many pixels (aspect kept, antialiased),
+            with the CRF's spatial bandwidths scaled alike, and its bilinearly upsampled marginals
+            give the labels at the input size, so the CRF's cost per image is bounded
+            (:mod:`clasp_torch.crf_resolution`; ~98 % of pixels as the full-resolution CRF).
+            Images up to this size (every dev-set image) are refined at full resolution, as before.
+        crf_batch_pixels: budget of one CRF call (default ``2**24``): a batch's images are
+            refined in consecutive chunks whose padded pixels at working resolution, weighted by
+            ``1 + C/50`` for ``C`` labels, stay within it (an image over it alone); this bounds
+            the CRF's memory on a GPU. Chunking never changes a result.
         k_selector: ``"eigengap"`` (the paper's elbow) or ``"entropy"`` (effective rank).
         amp_dtype: run the backbone under autocast with this dtype (e.g. ``torch.bfloat16``);
             the spectral and clustering stages always run in float32/float64.
@@ -186,8 +221,14 @@ class CLASP(nn.Module):
 
     Shape:
         - input: ``(B, 3, H, W)`` tensor or a list of ``(3, H_i, W_i)`` tensors, uint8 in
-          [0, 255] or float in [0, 1], RGB.
+          [0, 255] or float in [0, 1] (``ValueError`` outside ``[-1e-3, 1 + 1e-3]``, e.g. a
+          ``0..255`` float image), RGB.
         - output: :class:`CLASPOutput`.
+
+    Precision: ``model.half()`` / ``model.to(torch.bfloat16)`` work: the images are cast to the
+    backbone's dtype, the features back to float32, and the spectral, clustering and CRF
+    stages always run in float32/float64. (``amp_dtype`` runs the backbone under autocast
+    instead, keeping float32 weights.)
 
     Example:
         >>> model = CLASP("efficientnet_lite0", refiner=None)  # doctest: +SKIP
@@ -216,6 +257,8 @@ class CLASP(nn.Module):
         k_selector: KSelector = "eigengap",
         amp_dtype: torch.dtype | None = None,
         max_problems: int | None = None,
+        crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
+        crf_batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
     ) -> None:
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
@@ -228,6 +271,8 @@ class CLASP(nn.Module):
         max_patches = _check_int("max_patches", max_patches, 4)
         if max_problems is not None:
             max_problems = _check_int("max_problems", max_problems, 1)
+        crf_max_pixels = _check_int("crf_max_pixels", crf_max_pixels, 1)
+        crf_batch_pixels = _check_int("crf_batch_pixels", crf_batch_pixels, 1)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         if k_selector not in ("eigengap", "entropy"):
@@ -251,7 +296,9 @@ class CLASP(nn.Module):
         self.k_selector: KSelector = k_selector
         self.amp_dtype = amp_dtype
         self.max_problems = max_problems
-        self.refiner = _build_refiner(refiner, crf_params)
+        self.refiner = _build_refiner(
+            refiner, crf_params, max_pixels=crf_max_pixels, batch_pixels=crf_batch_pixels
+        )
 
     # ------------------------------------------------------------------ stages
     def _device(self) -> torch.device:
@@ -290,8 +337,11 @@ class CLASP(nn.Module):
             if self.amp_dtype is not None
             else contextlib.nullcontext()
         )
+        bb_dtype = next((t.dtype for t in bb.parameters() if t.is_floating_point()), torch.float32)
         for idx in groups.values():
             batch = torch.stack([prepped[i] for i in idx])
+            if self.amp_dtype is None and batch.dtype != bb_dtype:
+                batch = batch.to(bb_dtype)  # a model converted with .half() / .to(torch.bfloat16)
             with amp:
                 out = bb(batch)
             h_g, w_g = batch.shape[-2] // p, batch.shape[-1] // p
@@ -409,7 +459,9 @@ class CLASP(nn.Module):
         dev = feats.device
         coarse = upsample_labels(patch_labels, grids.to(dev), image_sizes.to(dev))
         labels = coarse
-        if self.refiner is not None:
+        if isinstance(self.refiner, _CRFRefiner):  # ignores labels outside imask, writes -1 there: no full-size copies
+            labels = self.refiner(padded, coarse, sel.k, imask)
+        elif self.refiner is not None:
             labels = self.refiner(padded, coarse.clamp_min(0), sel.k, imask).masked_fill(~imask, -1)
         return CLASPOutput(
             labels=labels, patch_labels=patch_labels, k_opt=k_opt, k=sel.k, eigenvalues=evals,
@@ -476,35 +528,49 @@ def _to_uint8(im: Tensor) -> Tensor:
 
 
 class _CRFRefiner(nn.Module):
-    """Adapter from the pipeline's refiner call to the dense CRF of :mod:`clasp_torch.crf`.
+    """Adapter from the pipeline's refiner call to the dense CRF at a bounded working resolution
+    (:func:`clasp_torch.crf_resolution.crf_refine_labels_bounded`).
 
-    ``forward(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W)) -> (B,H,W)``;
-    each image uses its own label count (``label_mask``), padding is excluded (``mask``).
+    ``forward(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W)) -> (B,H,W)``,
+    ``-1`` outside ``mask``; each image uses its own label count (``label_mask``), padding is
+    excluded (its labels may be anything). Images over ``max_pixels`` are refined downscaled,
+    batches in chunks within ``batch_pixels``.
     """
 
-    def __init__(self, gt_prob: float = 0.8, **params: Any) -> None:
+    def __init__(
+        self,
+        gt_prob: float = 0.8,
+        max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
+        batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
+        upsample: Literal["marginals", "nearest"] = "marginals",
+        **params: Any,
+    ) -> None:
         super().__init__()
         self.gt_prob = gt_prob
+        self.max_pixels, self.batch_pixels, self.upsample = max_pixels, batch_pixels, upsample
         self.params = params
 
     def forward(self, images: Tensor, labels: Tensor, n_labels: Tensor, mask: Tensor) -> Tensor:
-        from .crf import crf_refine_labels
-
-        C = max(int(n_labels.max()), 2)
-        label_mask = torch.arange(C, device=labels.device).view(1, C) < n_labels.view(-1, 1).to(labels.device)
-        return crf_refine_labels(images, labels, C, self.gt_prob, mask=mask, label_mask=label_mask, **self.params)
+        return crf_refine_labels_bounded(
+            images, labels, n_labels, self.gt_prob, mask, max_pixels=self.max_pixels,
+            batch_pixels=self.batch_pixels, upsample=self.upsample, **self.params,
+        )
 
     def extra_repr(self) -> str:
-        return f"gt_prob={self.gt_prob}, params={self.params}"
+        return (f"gt_prob={self.gt_prob}, max_pixels={self.max_pixels}, batch_pixels={self.batch_pixels}, "
+                f"upsample={self.upsample!r}, params={self.params}")
 
 
-def _build_refiner(refiner: str | nn.Module | None, crf_params: dict[str, Any] | None) -> nn.Module | None:
+def _build_refiner(
+    refiner: str | nn.Module | None, crf_params: dict[str, Any] | None, **bounds: int
+) -> nn.Module | None:
+    """The refiner module; ``bounds`` (``max_pixels``, ``batch_pixels``) go to the CRF's."""
     if refiner is None or (isinstance(refiner, str) and refiner.lower() == "none"):
         return None
     if isinstance(refiner, nn.Module):
         return refiner
     if isinstance(refiner, str) and refiner.lower() == "crf":
-        return _CRFRefiner(**(crf_params or {}))
+        return _CRFRefiner(**{**bounds, **(crf_params or {})})
     raise ValueError(f"refiner must be 'crf', None or an nn.Module, got {refiner!r}")
 
 
