@@ -422,7 +422,7 @@ def _kmeans_images(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, k: Tens
         new = (sums_a[..., :D] / cnt_a.clamp_min(1).unsqueeze(-1)).to(dt) * col_a
         empty = (cnt_a == 0) & (ar_c.view(1, C) < k_a.view(-1, 1))
         if bool(empty.any()):
-            new = _relocate_empty(new, cen_a, empty, lab_a.long(), img_a, col_a, pm_a, xi)
+            new = _relocate_empty(new, cen_a, empty, lab_a.long(), img_a, col_a, pm_a, xi, sums_a, rows1)
         shift = ((new - cen_a) ** 2).sum((-1, -2))  # (A,)
         cen_a = new
         if it % check_every == 0 or it == max_iter:
@@ -537,11 +537,16 @@ class _KGroups:
 
 
 def _relocate_empty(new: Tensor, cen: Tensor, empty: Tensor, lab: Tensor, img: Tensor, col: Tensor, pm: Tensor,
-                    xi: Tensor) -> Tensor:
+                    xi: Tensor, sums: Tensor, rows1: Tensor) -> Tensor:
     """Move empty clusters to the points farthest from their current centre (sklearn's rule).
 
+    As sklearn's ``_relocate_empty_clusters_dense``: the ``e``-th empty cluster takes the
+    ``e``-th farthest point, and that point leaves its old cluster in the same step (the old
+    centre becomes the mean of the points that remain).
+
     ``new``/``cen (A, C, D)``, ``empty (A, C)``, ``lab (A, N)``, ``img (A,)``, ``col (A, 1, D)``,
-    ``pm (A, N)``, ``xi (B, N, D)``.
+    ``pm (A, N)``, ``xi (B, N, D)``, ``sums (A, C, D + 1)`` float64 cluster sums and counts of
+    ``lab``, ``rows1 (B * N, D + 1)`` the points with a trailing 1.
     """
     A, C, D = new.shape
     N = xi.shape[1]
@@ -550,10 +555,21 @@ def _relocate_empty(new: Tensor, cen: Tensor, empty: Tensor, lab: Tensor, img: T
     ce = cen[ae].gather(1, lab[ae].clamp_min(0).unsqueeze(-1).expand(-1, N, D))
     dist = ((xe - ce) ** 2).sum(-1).masked_fill(~pm[ae], -1.0)
     far = dist.topk(min(C, N), dim=-1).indices  # (E, C)
-    rank = (empty[ae].long().cumsum(-1) - 1).clamp_min(0)
-    repl = xe.gather(1, far.gather(-1, rank).unsqueeze(-1).expand(-1, far.shape[1], D))
+    emp = empty[ae]
+    rank = (emp.long().cumsum(-1) - 1).clamp_min(0)
+    pick = far.gather(-1, rank)  # (E, C): the point each empty slot takes
+    repl = xe.gather(1, pick.unsqueeze(-1).expand(-1, pick.shape[1], D))
+    # the taken points leave their old clusters: subtract them from the old clusters' sums
+    old = lab[ae].gather(1, pick)  # (E, C) old cluster of each taken point
+    taken = rows1.index_select(0, (img[ae].unsqueeze(1) * N + pick).reshape(-1)).view(-1, C, D + 1)
+    taken = taken * emp.unsqueeze(-1).to(taken.dtype)  # only the slots that really relocate
+    delta = torch.zeros_like(sums[ae]).scatter_add_(1, old.unsqueeze(-1).expand(-1, C, D + 1), taken)
+    rest = sums[ae] - delta
+    moved = delta[..., D] > 0
+    mean_rest = (rest[..., :D] / rest[..., D].clamp_min(1).unsqueeze(-1)).to(new.dtype) * col[ae]
     new = new.clone()
-    new[ae] = torch.where(empty[ae].unsqueeze(-1), repl, new[ae])
+    upd = torch.where(moved.unsqueeze(-1), mean_rest, new[ae])
+    new[ae] = torch.where(emp.unsqueeze(-1), repl, upd)
     return new
 
 

@@ -182,9 +182,6 @@ def test_kmeans_after_a_relocation_converges_like_sklearn(monkeypatch: pytest.Mo
     assert float(full.inertia[0]) == pytest.approx(sk.inertia_, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug (reported on issue #15): the relocated point is not "
-                   "removed from its old cluster in the step that relocates it, as sklearn does; here that "
-                   "leads to another optimum (inertia 150.07 against sklearn's 73.58 from the same start)")
 def test_kmeans_relocation_step_and_result_equal_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     ref1, _ = _sklearn_relocation(_RELOC_X, _RELOC_INIT)
     one = _kmeans_from(monkeypatch, _RELOC_X, _RELOC_INIT, max_iter=1)

@@ -57,7 +57,7 @@ GOOD: dict[str, tuple[int, int]] = {
     "exif_rotated.jpg": (128, 96),  # stored 96x128 with orientation 6 (rotate 90 degrees)
     "animated.gif": (96, 128),
     "photo.webp": (96, 128),
-    "photo.tiff": (96, 128),
+    "photo2.tiff": (96, 128),  # not photo.tiff: beside photo.webp that is one output name (refused)
     "uniform.png": (80, 112),
     "bmp.bmp": (64, 64),
 }
@@ -94,7 +94,7 @@ def build_folder(root: Path, huge: bool = True) -> Path:
     frames = [Image.fromarray(_photo(7)), Image.fromarray(_photo(8))]
     frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     Image.fromarray(_photo(9)).save(d / "photo.webp", quality=90)
-    Image.fromarray(_photo(10)).save(d / "photo.tiff")
+    Image.fromarray(_photo(10)).save(d / "photo2.tiff")
     Image.new("RGB", (112, 80), (40, 120, 200)).save(d / "uniform.png")
     Image.fromarray(_photo(11, 64, 64)).save(d / "bmp.bmp")
     if huge:
@@ -354,7 +354,7 @@ def test_sigint_then_resume_gives_one_valid_output_per_input(tmp_path: Path) -> 
 
     res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1, res.stderr[-3000:]  # the broken file fails again
-    assert f"{len(done)} of 13 inputs already have outputs" in res.stderr
+    assert f"{len(done)} of 13 file inputs already have outputs" in res.stderr
     assert "zz_broken.jpg" in res.stderr and "Traceback" not in res.stderr
     report = json.loads((out / "clasp_report.json").read_text())
     assert report["skipped_existing"] == len(done)
