@@ -41,6 +41,9 @@ within() {
   if [ "$left" -le 10 ]; then echo "SKIPPED (time budget of ${BUDGET_S}s spent): $*"; return 0; fi
   [ "$limit" -gt "$left" ] && limit=$left
   timeout "$limit" "$@"
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then echo "STEP FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ', timed out')): $*"; fi
+  return $rc
 }
 PY="${PYTHON:-python}"
 status=0
