@@ -244,7 +244,7 @@ def plan_inputs(
             anchors.append(os.path.dirname(path))
             items.append((given, path, _kind(given)))
         elif os.path.isdir(path):
-            plan.missing.append({"path": given, "error": "a folder in a list file (list files or folders, not both)"})
+            plan.missing.append({"path": given, "error": "a folder named in a list file: list its files, or give the folder on the command line"})
         else:
             plan.missing.append({"path": given, "error": "no such file or folder"})
     seen: set[str] = set()
