@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from benchmarks.run import DEFAULT_IMAGE_DIR
+from benchmarks.run import DEFAULT_IMAGE_DIR, write_outputs
 from clasp_torch.data import ImageLoadError, load_image
 from clasp_torch.io import segment_rows
 from clasp_torch.sources import FileSource, decode_image
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                    "stub_ms_per_batch": args.stub_ms}
     text = json.dumps(res, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    write_outputs((args.json, text))
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run import DEFAULT_IMAGE_DIR, thread_limits
+from benchmarks.run import DEFAULT_IMAGE_DIR, thread_limits, write_outputs
 from clasp_torch.data import load_image
 from clasp_torch.pipeline import CLASP
 from clasp_torch.segment_run import SegmentConfig, build_segment_run
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(summary, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    write_outputs((args.json, text))
     return 0
 
 

@@ -100,18 +100,6 @@ def _build_model(args: argparse.Namespace, refiner: str | None):
         raise CLIError(str(exc)) from None
 
 
-def collect_inputs(inputs: Sequence[str], out: str | None = None) -> tuple[list[str], str | None, list[dict[str, str]]]:
-    """Expand files, folders and ``@LIST`` files into image paths (see :mod:`clasp_torch.inputs`).
-
-    Returns ``(paths, root, missing)``: ``root`` is the common parent of the inputs (output names
-    are relative to it), ``missing`` lists inputs that cannot be read.
-    """
-    from .inputs import plan_inputs
-
-    plan = plan_inputs(inputs, out)
-    return [f.path for f in plan.files], plan.root, plan.missing
-
-
 # ----------------------------------------------------------------------------------- segment
 def _prepare_out_dir(out: Path) -> None:
     """Create the output folder and make sure files can be written in it (else CLIError)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,13 +76,14 @@ class SegmentConfig:
 class CollectionData(pl.LightningDataModule):
     """The run's loaders, split over processes once the rank is known."""
 
-    def __init__(self, cfg: SegmentConfig, plan: InputPlan, skip_files: list[int], skip_parts: list[int]) -> None:
+    def __init__(
+        self, cfg: SegmentConfig, plan: InputPlan, files: FileSource, skip_files: list[int], skip_parts: list[int]
+    ) -> None:
         super().__init__()
-        self.cfg, self.plan = cfg, plan
+        self.cfg, self.plan, self.files = cfg, plan, files
         self.skip_files, self.skip_parts = skip_files, skip_parts
         workers = cfg.num_workers
         self.num_workers = default_num_workers() if workers == "auto" else int(workers)
-        self.files = FileSource(plan.files, cfg.part_size, part_offset=len(plan.shards), raw_jpeg=cfg.gpu_decode)
 
     def _loader(self, dataset: Any, sampler: Any = None, workers: int | None = None) -> DataLoader:
         n = self.num_workers if workers is None else workers
@@ -147,7 +149,7 @@ class SegmentRun:
             self.writer.finish(complete=False)
 
 
-def _resume_skips(cfg: SegmentConfig, plan: InputPlan) -> tuple[list[int], list[int]]:
+def _resume_skips(cfg: SegmentConfig, plan: InputPlan, files: FileSource) -> tuple[list[int], list[int]]:
     out = Path(cfg.out)
     for pattern in TMP_PATTERNS:
         for tmp in out.rglob(pattern):
@@ -157,10 +159,9 @@ def _resume_skips(cfg: SegmentConfig, plan: InputPlan) -> tuple[list[int], list[
                 pass
     if cfg.format == "parquet":
         skip_parts = [i for i in range(len(plan.shards)) if part_path(out, i).exists()]
-        offset = len(plan.shards)
-        done_parts = {p for p in range(offset, offset + len(plan.files) // cfg.part_size + 1) if part_path(out, p).exists()}
-        skip_files = [i for i in range(len(plan.files)) if offset + i // cfg.part_size in done_parts]
-        return skip_files, skip_parts
+        parts = Counter(files.part_of(i) for i in range(len(files)))
+        done_parts = {p for p in parts if part_path(out, p).exists()}
+        return [i for i in range(len(files)) if files.part_of(i) in done_parts], skip_parts
     done = file_done(out, ".png")
     return [i for i, f in enumerate(plan.files) if done(f.name)], []
 
@@ -175,14 +176,12 @@ def build_segment_run(cfg: SegmentConfig, model: nn.Module, plan: InputPlan | No
         plan: the expanded inputs (default ``plan_inputs(cfg.inputs, cfg.out)``).
     """
     plan = plan if plan is not None else plan_inputs(cfg.inputs, cfg.out)
-    skip_files, skip_parts = _resume_skips(cfg, plan) if cfg.resume else ([], [])
+    files = FileSource(plan.files, cfg.part_size, part_offset=len(plan.shards), raw_jpeg=cfg.gpu_decode)
+    skip_files, skip_parts = _resume_skips(cfg, plan, files) if cfg.resume else ([], [])
     on_gpu = cfg.accelerator in ("gpu", "cuda")
     predictor = CLASPPredictor(model, overlay_on_device=on_gpu and cfg.overlays and cfg.format == "png",
                                embeddings=cfg.embeddings)
-    part_sizes: dict[int, int] = {}
-    offset = len(plan.shards)
-    for i in range(len(plan.files)):
-        part_sizes[offset + i // cfg.part_size] = part_sizes.get(offset + i // cfg.part_size, 0) + 1
+    part_sizes = dict(Counter(files.part_of(i) for i in range(len(files))))  # parts of files; shards end with a marker
     writer = SegmentationWriter(
         cfg.out, overlays=cfg.overlays, stats_json=cfg.stats_json, format=cfg.format, embeddings=cfg.embeddings,
         threads=cfg.writer_threads, max_pending=cfg.max_pending, part_sizes=part_sizes,
@@ -192,5 +191,5 @@ def build_segment_run(cfg: SegmentConfig, model: nn.Module, plan: InputPlan | No
         logger=False, enable_checkpointing=False, enable_model_summary=False, callbacks=[writer],
         enable_progress_bar=cfg.progress, use_distributed_sampler=False, **cfg.trainer_kwargs,
     )
-    data = CollectionData(cfg, plan, skip_files, skip_parts)
+    data = CollectionData(cfg, plan, files, skip_files, skip_parts)
     return SegmentRun(cfg, plan, data, predictor, writer, trainer, n_skipped=len(skip_files))
