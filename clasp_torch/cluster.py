@@ -891,12 +891,16 @@ class ClusterSelection:
         k: ``(B,)`` chosen number of clusters.
         k_values: ``(Kc,)`` the K grid shared by the batch (``k_min .. max k_hi``).
         scores: ``(B, Kc)`` mean silhouette for every K of each image's band (NaN outside).
+        band_labels: ``(B, Kc, N)`` patch labels of every K of each image's band (``-1`` on
+            padding and for K outside the band), only with ``select_k(..., keep_band=True)``;
+            they are the clusterings the silhouette compared, kept at no extra clustering cost.
     """
 
     labels: Tensor
     k: Tensor
     k_values: Tensor
     scores: Tensor
+    band_labels: Tensor | None = None
 
 
 def select_k(
@@ -912,6 +916,7 @@ def select_k(
     dtype: torch.dtype = torch.float32,
     max_block_elements: int | None = None,
     max_problems: int | None = None,
+    keep_band: bool = False,
 ) -> ClusterSelection:
     """Run k-means for every K of every image's band at once and keep the best silhouette.
 
@@ -926,6 +931,7 @@ def select_k(
             CPU, ``2**27`` elsewhere); the silhouettes do not depend on it.
         max_problems: process at most this many (image, K) problems at once (memory bound);
             default: all at once.
+        keep_band: also return the labels of every K of the band (``band_labels``).
 
     Returns:
         :class:`ClusterSelection`. Ties in silhouette go to the smaller K.
@@ -965,7 +971,8 @@ def select_k(
     labels_out[mask] = 0
     if kmax_all < kmin_all:
         return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev),
-                                torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(B, 0, dtype=dtype, device=dev))
+                                torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(B, 0, dtype=dtype, device=dev),
+                                labels_out.new_full((B, 0, N), -1) if keep_band else None)
     k_values = torch.arange(kmin_all, kmax_all + 1, device=dev)
     Kc = k_values.numel()
     in_band = (k_values.view(1, Kc) >= k_lo.view(B, 1)) & (k_values.view(1, Kc) <= k_hi.view(B, 1))
@@ -976,7 +983,8 @@ def select_k(
     emb = embedding[..., :D].to(dtype) * mask.to(dtype).unsqueeze(-1)
     scores = torch.full((B, Kc), float("nan"), dtype=dtype, device=dev)
     if P == 0:  # every band is empty: one segment per image
-        return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev), k_values, scores)
+        return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev), k_values, scores,
+                                labels_out.new_full((B, Kc, N), -1) if keep_band else None)
     all_labels = torch.empty(P, N, dtype=torch.long, device=dev)
     step = max(P, 1) if max_problems is None else max(1, max_problems)  # P = 0: every band empty
     for s0 in range(0, P, step):  # memory-bounding chunks, not a per-image loop
@@ -1001,7 +1009,11 @@ def select_k(
     ok = has_band & (chosen >= 0) & ~torch.isnan(best_score)
     labels = torch.where(ok.view(B, 1), all_labels[chosen.clamp_min(0)], labels_out)
     k = torch.where(ok, k_values[best_kc], torch.ones_like(best_kc))
-    return ClusterSelection(labels=labels, k=k, k_values=k_values, scores=scores)
+    band_labels = None
+    if keep_band:
+        band_labels = labels_out.new_full((B, Kc, N), -1)
+        band_labels[b_idx, kc_idx] = all_labels
+    return ClusterSelection(labels=labels, k=k, k_values=k_values, scores=scores, band_labels=band_labels)
 
 
 class KBandClustering(nn.Module):

@@ -23,7 +23,7 @@ from .crf_resolution import DEFAULT_CRF_BATCH_PIXELS, DEFAULT_CRF_MAX_PIXELS, cr
 from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
 from .spectral import AffinityKind, EigenMethod, eigengap_elbow, k_band, spectral_decomposition
 
-__all__ = ["CLASP", "CLASPOutput", "upsample_labels", "images_to_list", "pad_images"]
+__all__ = ["CLASP", "CLASPOutput", "upsample_labels", "images_to_list", "pad_images", "patch_guides"]
 
 ImagesLike = Tensor | Sequence[Tensor]
 KSelector = Literal["eigengap", "entropy"]
@@ -52,6 +52,10 @@ class CLASPOutput:
         features: ``(B, h_max, w_max, D)`` backbone features (zeros on padding).
         coarse_labels: ``(B, H_max, W_max)`` pixel labels before the refiner (nearest upsampling
             of the patch labels).
+        band_patch_labels: ``(B, Kc, h_max, w_max)`` int64 patch labels of every K of each
+            image's band (columns as ``k_values``; ``-1`` on padding and outside the band), only
+            with ``CLASP(keep_band_labels=True)``, else ``None`` (the K-band hierarchy of
+            region proposals).
     """
 
     labels: Tensor
@@ -67,6 +71,7 @@ class CLASPOutput:
     grid_sizes: Tensor
     features: Tensor
     coarse_labels: Tensor
+    band_patch_labels: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -150,6 +155,26 @@ def pad_images(imgs: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, Tens
     return out, mask
 
 
+def patch_guides(imgs: Sequence[Tensor], grid_sizes: Tensor) -> Tensor:
+    """Each image area-resized to its own patch grid, zero padded: the guide of edge-aware
+    feature smoothing.
+
+    Args:
+        imgs: ``B`` images ``(3, H_i, W_i)``, uint8 or float in [0, 1].
+        grid_sizes: ``(B, 2)`` patch grid ``(h_i, w_i)`` per image.
+
+    Returns:
+        ``(B, 3, h_max, w_max)`` float32 in [0, 1], zeros outside each image's grid.
+    """
+    hm, wm = int(grid_sizes[:, 0].max()), int(grid_sizes[:, 1].max())
+    out = torch.zeros(len(imgs), 3, hm, wm, device=imgs[0].device)
+    for i, im in enumerate(imgs):  # ragged sizes: one small resize per image
+        h, w = int(grid_sizes[i, 0]), int(grid_sizes[i, 1])
+        x = im.float() / 255.0 if not im.is_floating_point() else im.float()
+        out[i, :, :h, :w] = F.adaptive_avg_pool2d(x[None], (h, w))[0]
+    return out
+
+
 def upsample_labels(patch_labels: Tensor, grid_sizes: Tensor, image_sizes: Tensor) -> Tensor:
     """Nearest-neighbour upsampling of ragged patch label maps to their image sizes.
 
@@ -218,6 +243,14 @@ class CLASP(nn.Module):
         amp_dtype: run the backbone under autocast with this dtype (e.g. ``torch.bfloat16``);
             the spectral and clustering stages always run in float32/float64.
         max_problems: bound on (image, K) problems clustered at once (memory).
+        smoothing: optional feature-smoothing stage between the backbone and the affinity, an
+            ``nn.Module`` called as ``smoothing(features (B, h, w, D), patch_mask (B, h, w),
+            guide)`` returning ``(B, h, w, D)``; ``guide`` is ``None`` unless the module has
+            ``needs_guide = True``, then the images area-resized to their patch grids,
+            ``(B, 3, h_max, w_max)`` float in [0, 1] (zero padded). ``None`` (default): none.
+            ``CLASPOutput.features`` stays the backbone's.
+        keep_band_labels: also return the patch labels of every K of each band
+            (``CLASPOutput.band_patch_labels``); no extra clustering, results unchanged.
 
     Shape:
         - input: ``(B, 3, H, W)`` tensor or a list of ``(3, H_i, W_i)`` tensors, uint8 in
@@ -259,6 +292,8 @@ class CLASP(nn.Module):
         max_problems: int | None = None,
         crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
         crf_batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
+        keep_band_labels: bool = False,
+        smoothing: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
@@ -296,6 +331,10 @@ class CLASP(nn.Module):
         self.k_selector: KSelector = k_selector
         self.amp_dtype = amp_dtype
         self.max_problems = max_problems
+        self.keep_band_labels = bool(keep_band_labels)
+        if smoothing is not None and not callable(smoothing):
+            raise ValueError(f"smoothing must be None or an nn.Module, got {type(smoothing).__name__}")
+        self.smoothing = smoothing
         self.refiner = _build_refiner(
             refiner, crf_params, max_pixels=crf_max_pixels, batch_pixels=crf_batch_pixels
         )
@@ -434,10 +473,16 @@ class CLASP(nn.Module):
         k_opt = torch.where(single, torch.ones_like(k_opt), k_opt)
         hi = torch.where(single, lo - 1, hi)  # an empty band: select_k returns one segment
         sel = select_k(spec.eigenvectors, m, lo, hi, n_init=self.n_init, max_iter=self.max_iter,
-                       tol=self.tol, seed=self.seed, max_problems=self.max_problems)
+                       tol=self.tol, seed=self.seed, max_problems=self.max_problems,
+                       keep_band=self.keep_band_labels)
         # scatter back to the grid layout
         lab = torch.full((B, hm * wm), -1, dtype=torch.long, device=feats.device)
         lab.scatter_(1, order, sel.labels)
+        if sel.band_labels is not None:  # same layout for every K of the band: (B, Kc, h, w)
+            Kc = sel.band_labels.shape[1]
+            band = torch.full((B, Kc, hm * wm), -1, dtype=torch.long, device=feats.device)
+            band.scatter_(2, order.unsqueeze(1).expand(B, Kc, hm * wm), sel.band_labels)
+            sel.band_labels = band.view(B, Kc, hm, wm)
         return lab.view(B, hm, wm), k_opt, spec.eigenvalues, sel
 
     # ------------------------------------------------------------------ forward
@@ -455,7 +500,11 @@ class CLASP(nn.Module):
         hi_px = padded.masked_fill(~m4, 0).amax((2, 3)).long()  # (B, 3)
         lo_px = padded.masked_fill(~m4, 255).amin((2, 3)).long()
         uniform = (hi_px - lo_px).amax(-1) <= UNIFORM_TOLERANCE
-        patch_labels, k_opt, evals, sel = self.cluster_features(feats, pmask, single_segment=uniform.to(feats.device))
+        feats_c = feats
+        if self.smoothing is not None:
+            guide = patch_guides(imgs, grids) if getattr(self.smoothing, "needs_guide", False) else None
+            feats_c = self.smoothing(feats, pmask, guide)
+        patch_labels, k_opt, evals, sel = self.cluster_features(feats_c, pmask, single_segment=uniform.to(feats.device))
         dev = feats.device
         coarse = upsample_labels(patch_labels, grids.to(dev), image_sizes.to(dev))
         labels = coarse
@@ -467,6 +516,7 @@ class CLASP(nn.Module):
             labels=labels, patch_labels=patch_labels, k_opt=k_opt, k=sel.k, eigenvalues=evals,
             k_values=sel.k_values, silhouette=sel.scores, image_mask=imask, patch_mask=pmask,
             image_sizes=image_sizes.to(dev), grid_sizes=grids.to(dev), features=feats, coarse_labels=coarse,
+            band_patch_labels=sel.band_labels,
         )
 
     def extra_repr(self) -> str:

@@ -237,6 +237,36 @@ def test_select_k_batch_equals_single_and_matches_silhouette(real_features) -> N
         assert len(one.labels[0].unique()) == k
 
 
+def test_select_k_keep_band_returns_every_k_of_the_band(real_features) -> None:
+    fs = [f.reshape(-1, f.shape[-1]).float() for f in real_features[:2]]
+    N = max(len(f) for f in fs)
+    X = torch.zeros(2, N, fs[0].shape[-1])
+    M = torch.zeros(2, N, dtype=torch.bool)
+    for i, f in enumerate(fs):
+        X[i, : len(f)], M[i, : len(f)] = f, True
+    res = spectral_decomposition(X, M)
+    lo, hi = k_band(eigengap_elbow(res.eigenvalues, res.n), res.n)
+    plain = select_k(res.eigenvectors, M, lo, hi, seed=0)
+    kept = select_k(res.eigenvectors, M, lo, hi, seed=0, keep_band=True)
+    assert plain.band_labels is None
+    assert torch.equal(kept.labels, plain.labels) and torch.equal(kept.k, plain.k)
+    band = kept.band_labels
+    assert band is not None and band.shape == (2, len(kept.k_values), N)
+    for i in range(2):
+        for j, k in enumerate(kept.k_values.tolist()):
+            b = band[i, j]
+            if not lo[i] <= k <= hi[i]:
+                assert bool((b == -1).all())
+                continue
+            assert bool((b[~M[i]] == -1).all())
+            # each K's clustering is what the silhouette scored (sklearn on the same embedding)
+            emb = res.eigenvectors[i, : int(M[i].sum()), :k].numpy()
+            lab = b[M[i]].numpy()
+            assert float(kept.scores[i, j]) == pytest.approx(sk_silhouette(emb, lab), abs=1e-5)
+            if k == int(kept.k[i]):
+                assert torch.equal(b, kept.labels[i])
+
+
 def test_select_k_single_segment_when_band_empty() -> None:
     emb = torch.randn(1, 2, 3)
     sel = select_k(emb, torch.ones(1, 2, dtype=torch.bool), torch.tensor([2]), torch.tensor([1]))
