@@ -485,3 +485,78 @@ def test_real_labels_relabelled_score_perfectly() -> None:
         m.update(pred, lab)
     scores = m.compute()
     assert float(scores["miou"]) == 1.0 and float(scores["pixel_accuracy"]) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Functional and Metric share _update/_compute; DDP reduction of the sum states
+# --------------------------------------------------------------------------------------------
+
+
+def _random_batches(seed: int, n_batches: int, num_classes: int, n_clusters: int):
+    rng = np.random.default_rng(seed)
+    batches = []
+    for b in range(n_batches):
+        if b % 2:  # a (B, H, W) batch
+            shape = (int(rng.integers(1, 4)), *(int(x) for x in rng.integers(3, 12, 2)))
+            batches.append((torch.from_numpy(rng.integers(-1, n_clusters, shape)),
+                            torch.from_numpy(rng.integers(-1, num_classes, shape))))
+        else:  # a list of differently sized maps
+            shapes = [tuple(int(x) for x in rng.integers(2, 14, 2)) for _ in range(int(rng.integers(1, 4)))]
+            batches.append(([torch.from_numpy(rng.integers(-1, n_clusters, s)) for s in shapes],
+                            [torch.from_numpy(rng.integers(-1, num_classes, s)) for s in shapes]))
+    return batches
+
+
+def _flat_maps(batches):
+    preds, targets = [], []
+    for p, t in batches:
+        preds += list(p)
+        targets += list(t)
+    return preds, targets
+
+
+@pytest.mark.parametrize("matching", ["per_image", "dataset"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_functional_equals_metric_over_batches(matching: str, seed: int) -> None:
+    batches = _random_batches(seed, 5, num_classes=5, n_clusters=7)
+    metric = UnsupervisedSegmentationMetric(5, matching=matching, n_clusters=7)
+    for p, t in batches:
+        metric.update(p, t)
+    preds, targets = _flat_maps(batches)
+    functional = unsupervised_segmentation_scores(preds, targets, 5, matching, n_clusters=7)
+    computed = metric.compute()
+    assert set(functional) == set(computed) == {"miou", "pixel_accuracy"}
+    for k in functional:
+        assert functional[k].dtype == computed[k].dtype == torch.float32
+        assert torch.equal(functional[k], computed[k]), k
+    assert int(metric.n_images) == len(preds)
+
+
+@pytest.mark.parametrize("matching", ["per_image", "dataset"])
+def test_ddp_sum_reduction_of_two_ranks_equals_one_pass(matching: str) -> None:
+    """Two "ranks" each update on half the batches; rank 0's ``compute`` gathers both ranks'
+    states through ``dist_sync_fn`` (what ``torch.distributed.all_gather`` hands torchmetrics)
+    and sums them (``dist_reduce_fx="sum"``): the result is the single-process one."""
+    batches = _random_batches(7, 6, num_classes=4, n_clusters=6)
+    kw = {"matching": matching, "n_clusters": 6}
+    single = UnsupervisedSegmentationMetric(4, **kw)
+    for p, t in batches:
+        single.update(p, t)
+    rank1 = UnsupervisedSegmentationMetric(4, **kw)
+    for p, t in batches[1::2]:
+        rank1.update(p, t)
+
+    def all_gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+        (name,) = [n for n, v in rank0.metric_state.items() if v is tensor]
+        return [tensor.clone(), rank1.metric_state[name].clone()]
+
+    rank0 = UnsupervisedSegmentationMetric(4, **kw, dist_sync_fn=all_gather, distributed_available_fn=lambda: True)
+    for p, t in batches[::2]:
+        rank0.update(p, t)
+    local = {k: v.clone() for k, v in rank0.metric_state.items()}
+    synced, expected = rank0.compute(), single.compute()
+    assert all(torch.equal(synced[k], expected[k]) for k in expected)
+    assert all(torch.equal(local[k], v) for k, v in rank0.metric_state.items())  # unsynced again after compute
+    with rank0.sync_context(dist_sync_fn=all_gather):
+        for name, value in single.metric_state.items():
+            assert torch.equal(rank0.metric_state[name], value), name
