@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from clasp_torch.backbones import (
-    Backbone, DINOv2Backbone, EfficientNetLite0Backbone, WeightsUnavailableError, get_backbone,
+    Backbone, DINOv2Backbone, EfficientNetLite0Backbone, ModuleBackbone, WeightsUnavailableError, available_backbones,
+    get_backbone, register_backbone, resolve_backbone_name,
 )
 from clasp_torch.backbones import dinov2 as dinov2_mod
 from clasp_torch.backbones.dinov2 import to_meta_state_dict
@@ -107,9 +108,7 @@ def test_dinov2_offline_raises_quickly(monkeypatch):
     def hub_fails(*args, **kwargs):
         raise OSError("simulated: no network")
 
-    import timm.models._builder as builder
-
-    monkeypatch.setattr(builder, "load_pretrained", hub_fails)
+    monkeypatch.setattr("timm.models._builder.load_pretrained", hub_fails)  # where timm's download happens
     t = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as info:
         get_backbone("dinov2_vits14_reg")
@@ -127,9 +126,7 @@ def test_dinov2_hub_error_is_wrapped(monkeypatch):
     def hub_fails(*args, **kwargs):
         raise OSError("simulated download failure")
 
-    import timm.models._builder as builder
-
-    monkeypatch.setattr(builder, "load_pretrained", hub_fails)
+    monkeypatch.setattr("timm.models._builder.load_pretrained", hub_fails)  # where timm's download happens
     with pytest.raises(WeightsUnavailableError, match="simulated download failure") as info:
         DINOv2Backbone()
     assert info.value.__cause__ is None
@@ -222,3 +219,55 @@ def test_user_module_missing_attributes():
 def test_unknown_name():
     with pytest.raises(ValueError, match="unknown backbone"):
         get_backbone("resnet9000")
+
+
+# ------------------------------------------------------------------------ registry
+
+
+@pytest.mark.parametrize("name", available_backbones())
+def test_every_registered_backbone_builds_and_runs(name):
+    torch.manual_seed(0)
+    bb = get_backbone(name, pretrained=False)
+    assert isinstance(bb, Backbone) and bb.name == name
+    p = bb.patch_size
+    assert isinstance(p, int) and p > 0 and bb.feature_dim > 0
+    assert len(bb.mean) == len(bb.std) == 3 and all(s > 0 for s in bb.std)
+    H, W = 2 * p, 3 * p
+    with torch.inference_mode():
+        out = bb(bb.normalize(torch.rand(2, 3, H, W)))
+    assert out.shape == (2, H // p, W // p, bb.feature_dim)
+    assert torch.isfinite(out).all()
+
+
+def test_registry_names_aliases_and_kwargs():
+    assert available_backbones() == ["dinov2_vits14_reg", "efficientnet_lite0"]
+    pairs = [("dinov2", "dinov2_vits14_reg"), ("DINOv2_ViTS14_Reg4", "dinov2_vits14_reg"),
+             ("efficientnet-lite0", "efficientnet_lite0"), ("EfficientNet_Lite0", "efficientnet_lite0")]
+    for alias, canonical in pairs:
+        assert resolve_backbone_name(alias) == canonical
+    bb = get_backbone("efficientnet-lite0", pretrained=False, layer="blocks.4.2")  # kwargs reach the constructor
+    assert isinstance(bb, EfficientNetLite0Backbone) and bb.layer == 10 and bb.feature_dim == 112
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        get_backbone("efficientnet_lite0", pretrained=False, depth=3)
+
+
+def test_register_backbone_adds_one_name():
+    from clasp_torch.backbones.registry import unregister_backbone
+
+    @register_backbone("grid8", aliases=("grid-8",))
+    def grid8(weights=None, pretrained=True, d=5):
+        return ModuleBackbone(_Grid(8, d), patch_size=8, mean=(0.0,) * 3, std=(1.0,) * 3, feature_dim=d, name="grid8")
+
+    try:
+        assert available_backbones()[-1] == "grid8"
+        bb = get_backbone("GRID-8", d=3)
+        assert bb.feature_dim == 3 and bb(torch.randn(1, 3, 16, 8)).shape == (1, 2, 1, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone("efficientnet_lite0")(grid8)
+        with pytest.raises(ValueError, match="already registered"):
+            register_backbone("other", aliases=("grid8",))(grid8)
+    finally:
+        unregister_backbone("grid8")
+    assert "grid8" not in available_backbones() and resolve_backbone_name("grid-8") is None
+    with pytest.raises(ValueError, match="unknown backbone 'grid8'"):
+        get_backbone("grid8")

