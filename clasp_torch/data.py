@@ -21,6 +21,15 @@ below is written per supercategory and checked (tests) to give exactly STEGO's m
 the 11 fine ids that COCO never annotates (e.g. 11 "street sign"), which map to their
 supercategory. Fine labels follow the COCO-Stuff 164k PNG convention: value = COCO category id - 1
 (0..181), 255 = unlabelled; 182 ("other", absent from the 182-class evaluation) is ignored too.
+
+Example (the class tables, defined in :mod:`clasp_torch.classes`):
+    >>> COCOSTUFF_FINE_NAMES[11], COCOSTUFF_COARSE_NAMES[COCOSTUFF_FINE_TO_COARSE[11]]  # never annotated
+    ('street sign', 'outdoor')
+    >>> grass = COCOSTUFF_FINE_NAMES.index("grass")
+    >>> COCOSTUFF_COARSE_NAMES[COCOSTUFF_FINE_TO_COARSE[grass]]
+    'plant'
+    >>> len(set(COCOSTUFF_FINE_TO_COARSE)), ADE20K_NAMES[:3]
+    (27, ('wall', 'building', 'sky'))
 """
 
 from __future__ import annotations

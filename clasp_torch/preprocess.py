@@ -2,6 +2,13 @@
 
 An image of any size is resized (never cropped) so that both sides are multiples of the
 backbone's patch size and the patch grid holds at most ``max_patches`` patches.
+
+Example:
+    >>> import torch
+    >>> img = torch.full((3, 50, 70), 255, dtype=torch.uint8)    # a white 70x50 image
+    >>> x, grid = preprocess_image(img, patch_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    >>> x.shape, grid                                             # resized to 64x48: 4x3 patches
+    (torch.Size([3, 48, 64]), (3, 4))
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ def target_size(H: int, W: int, patch_size: int, max_patches: int = DEFAULT_MAX_
 
     Raises:
         ValueError: if the image is smaller than one patch or the arguments are invalid.
+
+    Example:
+        >>> target_size(480, 640, patch_size=14)                     # 34 x 45 = 1530 patches
+        (476, 630)
+        >>> target_size(480, 640, patch_size=16, max_patches=300)    # 30 x 40 patches scaled to 15 x 20
+        (240, 320)
     """
     H, W, p = int(H), int(W), int(patch_size)
     if p < 1:
@@ -80,6 +93,12 @@ def preprocess_image(
     Returns:
         ``(x, (h, w))``: ``x`` is a float32 ``(3, H', W')`` normalised tensor with
         ``H' = h * p`` and ``W' = w * p``; resizing is bilinear with antialiasing.
+
+    Example:
+        >>> img = torch.zeros(3, 32, 48)                              # already a multiple of 16: not resized
+        >>> x, grid = preprocess_image(img, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
+        >>> grid, x.unique().tolist()                                 # (0 - 0.5) / 0.25
+        ((2, 3), [-2.0])
     """
     if img.ndim != 3 or img.shape[0] != 3:
         raise ValueError(f"expected an image of shape (3, H, W), got {tuple(img.shape)}")
