@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.reference import DATASETS, dataset_scores, hungarian_miou_stats, list_pairs, load_pair, pixel_labels, reference_clasp
+from benchmarks.reference import (
+    DATASETS,
+    dataset_scores,
+    hungarian_miou_stats,
+    list_pairs,
+    load_pair,
+    pixel_labels,
+    reference_clasp,
+)
 
 
 @dataclass

@@ -40,8 +40,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .run import (STAGES, describe, load_images, machine_description, pinned_cluster_policy, probe_stages,
-                  thread_limits, write_outputs)
+from .harness import (
+    STAGES,
+    describe,
+    load_images,
+    machine_description,
+    pinned_cluster_policy,
+    probe_stages,
+    thread_limits,
+    write_outputs,
+)
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense", "detach", "alias",
               "set_", "resize_"}
@@ -75,7 +83,8 @@ class OpCounter(TorchDispatchMode):
         self.by_op: Counter[str] = Counter()
         self.sync_by_op: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         name = _op_name(func)
         if not func.is_view and name not in _NO_KERNEL:
@@ -94,7 +103,8 @@ class _HostReads(TorchFunctionMode):
         super().__init__()
         self.counter = counter
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy):
             self.counter.syncs += 1
             self.counter.sync_by_op[func.__name__] += 1
@@ -137,7 +147,8 @@ def stage_counts(model: Any, imgs: list[torch.Tensor], device: torch.device) -> 
 
 def markdown(rows: dict[int, dict[str, dict[str, Any]]], us_per_op: float, meta: dict[str, Any]) -> str:
     stages = [s for s in (*STAGES, "cluster_features") if any(s in r for r in rows.values())]
-    lines = [f"Kernels launched / host syncs per batch, backbone `{meta['backbone']}`, {meta['size'][0]}x{meta['size'][1]}; "
+    lines = [f"Kernels launched / host syncs per batch, backbone `{meta['backbone']}`, "
+             f"{meta['size'][0]}x{meta['size'][1]}; "
              f"host cost of one small op here: {us_per_op:.1f} µs; {describe(meta['machine'])}.", "",
              "| batch | " + " | ".join(stages) + " | launch floor of cluster_features (ms per image) |",
              "|---:|" + "---:|" * (len(stages) + 1)]
@@ -191,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for bs in args.batch_sizes:
             with pinned_cluster_policy(policy):
                 rows[bs] = stage_counts(model, imgs_all[:bs], device)
-            print(f"batch {bs}: " + ", ".join(f"{s} {v['kernels']}/{v['syncs']}" for s, v in rows[bs].items()), flush=True)
+            counts = ", ".join(f"{s} {v['kernels']}/{v['syncs']}" for s, v in rows[bs].items())
+            print(f"batch {bs}: " + counts, flush=True)
         md = markdown(rows, us, meta)
         print(md)
         result = {"meta": meta, "host_us_per_op": us, "rows": {str(k): v for k, v in rows.items()}}

@@ -27,20 +27,21 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .run import (TensorPeak, describe, load_images, machine_description, pinned_cluster_policy, probe_stages,
-                  thread_limits, write_outputs)
-
-
-def tensor_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """``(fn(), peak tensor bytes of the call)``."""
-    with TensorPeak(device) as tp:
-        out = fn()
-    return out, tp.peak_bytes
+from .harness import (
+    TensorPeak,
+    describe,
+    load_images,
+    machine_description,
+    pinned_cluster_policy,
+    probe_stages,
+    tensor_peak,
+    thread_limits,
+    write_outputs,
+)
 
 
 @dataclass
@@ -82,10 +83,11 @@ def crf_label_sweep(imgs: list[torch.Tensor], label_counts: list[int], device: t
     ``C`` (striped synthetic label maps: the CRF's memory depends on ``C`` and the pixel count, not
     on where the labels lie). With random backbone weights K differs from a real model's; this row
     says what another K costs."""
-    from clasp_torch.pipeline import _build_refiner, _to_uint8, pad_images
+    from clasp_torch.crf_resolution import CRFRefiner
+    from clasp_torch.pipeline import pad_images, to_uint8
 
-    refiner = _build_refiner("crf", None)
-    padded, imask = pad_images([_to_uint8(im.to(device)) for im in imgs])
+    refiner = CRFRefiner()
+    padded, imask = pad_images([to_uint8(im.to(device)) for im in imgs])
     B, _, H, W = padded.shape
     out: dict[int, float] = {}
     for C in label_counts:
@@ -99,10 +101,12 @@ def markdown(rows: list[MemoryRow], meta: dict[str, Any]) -> str:
     kind = ("GPU `max_memory_allocated` above the entry level" if meta["device"].startswith("cuda")
             else "CPU tensor allocations recorded by `torch.profiler` (peak running sum above the entry level)")
     lines = [f"Peak tensor memory (MiB), {kind}; backbone `{meta['backbone']}` "
-             f"({'pretrained' if meta['pretrained'] else 'random weights'}), {meta['size'][0]}x{meta['size'][1]} inputs, "
-             f"amp={meta['amp']}, {'GPU cost policies' if meta.get('gpu_policy') else 'the device’s own cost policies'}; "
+             f"({'pretrained' if meta['pretrained'] else 'random weights'}), "
+             f"{meta['size'][0]}x{meta['size'][1]} inputs, amp={meta['amp']}, "
+             f"{'GPU cost policies' if meta.get('gpu_policy') else 'the device’s own cost policies'}; "
              f"{describe(meta['machine'])}.", "",
-             "| batch | backbone | spectral+clustering | CRF | forward with CRF | forward without CRF | per image (with CRF) |",
+             "| batch | backbone | spectral+clustering | CRF | forward with CRF | forward without CRF "
+             "| per image (with CRF) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r.batch_size} | {r.backbone_mib:.0f} | {r.cluster_features_mib:.0f} | {r.crf_mib:.0f} | "
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       crf_params=crf_params).to(device).eval()
         imgs_all, source = load_images(max(args.batch_sizes), tuple(args.size), args.image_dir)
         meta = {"device": str(device), "backbone": args.backbone, "pretrained": pretrained, "size": list(args.size),
-                "amp": args.amp, "n_init": args.n_init, "gpu_policy": args.gpu_policy, "source": source, "machine": machine_description(device),
+                "amp": args.amp, "n_init": args.n_init, "gpu_policy": args.gpu_policy, "source": source,
+                "machine": machine_description(device),
                 "argv": sys.argv[1:] if argv is None else argv}
         print(describe(meta["machine"]), flush=True)
         model(imgs_all[:1])  # warm-up: lazy initialisations stay out of the first row

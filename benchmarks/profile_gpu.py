@@ -22,11 +22,21 @@ import contextlib
 import json
 import os
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from benchmarks.run import OUT_DIR, STAGES, thread_limits, describe, load_images, machine_description, run_stages, timed
+from benchmarks.harness import (
+    OUT_DIR,
+    STAGES,
+    describe,
+    load_images,
+    machine_description,
+    run_stages,
+    thread_limits,
+    timed,
+)
 
 
 def stage_label(device: torch.device) -> Callable[[str], Any]:
@@ -93,8 +103,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     imgs = [im.to(device) for im in load_images(bs, size)[0]]
     machine = machine_description(device)
     print(describe(machine), flush=True)
-    print(f"batch {bs} x {size[0]}x{size[1]}, backbone {backbone} ({'pretrained' if pretrained else 'random weights'}), "
-          f"amp={args.amp}, device {device}", flush=True)
+    weights = "pretrained" if pretrained else "random weights"
+    print(f"batch {bs} x {size[0]}x{size[1]}, backbone {backbone} ({weights}), amp={args.amp}, device {device}",
+          flush=True)
 
     # ---- profiled batch ------------------------------------------------------------------------
     label = stage_label(device)

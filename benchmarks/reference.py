@@ -238,7 +238,8 @@ def pydensecrf_refine(
     return Q.argmax(0).astype(np.int64)
 
 
-def hungarian_miou_stats(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int) -> dict[str, np.ndarray | int]:
+def hungarian_miou_stats(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                         ignore: int) -> dict[str, np.ndarray | int]:
     """Per-image Hungarian matching of predicted clusters to ground-truth classes.
 
     Over the non-ignored pixels, the overlap matrix (clusters x classes present in ``gt``) is
@@ -378,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             miou, pa = dataset_scores(st["tp"], st["fp"], st["fn"], st["correct"], st["total"])
             rec[f"miou_{v}"], rec[f"acc_{v}"] = miou, pa
             line += f" {v}: mIoU={miou:.1f} acc={pa:.1f}"
-        line += " t[feat/eigh/km/sil]=" + "/".join(f"{rec['time'][k]:.2f}" for k in ("features", "eigh", "kmeans", "silhouette"))
+        times = (rec["time"][k] for k in ("features", "eigh", "kmeans", "silhouette"))
+        line += " t[feat/eigh/km/sil]=" + "/".join(f"{t:.2f}" for t in times)
         print(line, flush=True)
         per_image.append(rec)
 

@@ -5,9 +5,10 @@ for each ``n`` in ``--n`` (default 500 1000 2000 4000 8000), one image of ``n`` 
 through ``spectral_decomposition`` (Gram path: ``F̂ᵀF̂`` + ``eigh`` of ``D x D`` in float64; and the
 full path ``method="full"``: ``eigh`` of the ``n x n`` affinity, skipped above ``--full-max``
 patches) → ``eigengap_elbow`` + ``k_band`` → ``kmeans`` on the (image, K) problems of
-``select_k`` → the silhouettes of the same problems (``kmeans_of``/``silhouette_of``: ``select_k``'s own calls). The K band is fixed (``--k-opt 8``: K = 4..12, 9 problems of 10 restarts) so that the
-clustering work is comparable across ``n`` (the elbow is still run and timed). Times are medians over
-``--repeats`` after a warm-up at the same size; memory is measured on the warm-up call
+``select_k`` → the silhouettes of the same problems (``kmeans_of``/``silhouette_of``: ``select_k``'s
+own calls). The K band is fixed (``--k-opt 8``: K = 4..12, 9 problems of 10 restarts) so that the
+clustering work is comparable across ``n`` (the elbow is still run and timed). Times are medians
+over ``--repeats`` after a warm-up at the same size; memory is measured on the warm-up call
 (CPU: process RSS high-water mark above the RSS at entry, sampled every 2 ms; CUDA:
 ``max_memory_allocated`` above the allocation at entry).
 
@@ -39,8 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.run import (OUT_DIR, PeakMemory, describe, kmeans_of, load_images, machine_description, problems_of,
-                            silhouette_of, thread_limits, timed)
+from benchmarks.harness import (
+    OUT_DIR,
+    PeakMemory,
+    describe,
+    kmeans_of,
+    load_images,
+    machine_description,
+    problems_of,
+    silhouette_of,
+    thread_limits,
+    timed,
+)
 
 
 def synthetic_features(n: int, D: int = 384, n_clusters: int = 8, seed: int = 0) -> torch.Tensor:
@@ -253,7 +264,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[{method}] n={n}: eigen {1000 * r['eigen']:.1f} ms, elbow {1000 * r['elbow']:.2f} ms, "
                       f"kmeans {1000 * r['kmeans']:.1f} ms, silhouette {1000 * r['silhouette']:.1f} ms, "
                       f"total {1000 * r['total']:.1f} ms, peak {r['peak_mib']:.0f} MiB "
-                      f"(elbow K_opt {r['k_opt_elbow']}, band {r['k_lo']}..{r['k_hi']}: {r['problems']} problems)", flush=True)
+                      f"(elbow K_opt {r['k_opt_elbow']}, band {r['k_lo']}..{r['k_hi']}: {r['problems']} problems)",
+                      flush=True)
     rows_c: list[dict[str, Any]] = []
     if not args.no_crf:
         for mp in mps:

@@ -206,8 +206,10 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
     for f in args.factors:
         stats: dict[str, dict[str, Any]] = {}
 
-        def add(name: str, pred: torch.Tensor, full: torch.Tensor, coarse: torch.Tensor, gt: np.ndarray, dt: float) -> None:
-            s = stats.setdefault(name, {"agree": [], "changed": [], "tp": 0, "fp": 0, "fn": 0, "correct": 0, "total": 0, "s": 0.0})
+        def add(name: str, pred: torch.Tensor, full: torch.Tensor, coarse: torch.Tensor, gt: np.ndarray,
+                dt: float) -> None:
+            s = stats.setdefault(name, {"agree": [], "changed": [], "tp": 0, "fp": 0, "fn": 0, "correct": 0,
+                                        "total": 0, "s": 0.0})
             s["agree"].append(float((pred == full).double().mean()))
             ch = full != coarse
             s["changed"].append(float((pred[ch] == full[ch]).double().mean()) if bool(ch.any()) else 1.0)
@@ -252,8 +254,10 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         for name, st in stats.items():
             tp, fp, fn = st["tp"], st["fp"], st["fn"]
             present = (tp + fn) > 0
-            miou = float(np.mean(tp[present] / np.maximum(tp + fp + fn, 1)[present])) if np.any(present) else float("nan")
-            rows.append({"variant": name, "agreement_mean": float(np.mean(st["agree"])), "agreement_min": float(np.min(st["agree"])),
+            iou = tp[present] / np.maximum(tp + fp + fn, 1)[present]
+            miou = float(np.mean(iou)) if np.any(present) else float("nan")
+            rows.append({"variant": name, "agreement_mean": float(np.mean(st["agree"])),
+                         "agreement_min": float(np.min(st["agree"])),
                          "changed_agreement": float(np.mean(st["changed"])), "miou": 100 * miou,
                          "pixel_acc": 100 * st["correct"] / max(st["total"], 1), "s_per_image": st["s"] / len(paths)})
         per_factor[str(f)] = rows
@@ -265,11 +269,13 @@ def agreement_markdown(res: dict[str, Any]) -> str:
              f"upscaled photo; reference = the CRF at full resolution. Threads: {res['threads']}.", ""]
     for f, rows in res["results"].items():
         lines += [f"Upscaled x{f}:", "",
-                  "| variant | pixels = full-res CRF (mean) | (min) | on pixels the full-res CRF changed | mIoU | pixel acc. | s/image |",
+                  "| variant | pixels = full-res CRF (mean) | (min) | on pixels the full-res CRF changed | mIoU "
+                  "| pixel acc. | s/image |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
             lines.append(f"| {r['variant']} | {100 * r['agreement_mean']:.2f} % | {100 * r['agreement_min']:.2f} % | "
-                         f"{100 * r['changed_agreement']:.1f} % | {r['miou']:.1f} | {r['pixel_acc']:.1f} | {r['s_per_image']:.2f} |")
+                         f"{100 * r['changed_agreement']:.1f} % | {r['miou']:.1f} | {r['pixel_acc']:.1f} | "
+                         f"{r['s_per_image']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 

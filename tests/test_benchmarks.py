@@ -116,7 +116,8 @@ def test_memory_script_writes_rows_per_batch_size(tmp_path) -> None:
 
     json_p, md_p = tmp_path / "mem.json", tmp_path / "mem.md"
     out = main(["--device", "cpu", "--threads", "1", "--backbone", "efficientnet_lite0", "--batch-sizes", "1", "2",
-                "--size", "96", "64", "--n-init", "2", "--crf-labels", "2", "8", "--json", str(json_p), "--markdown-file", str(md_p)])
+                "--size", "96", "64", "--n-init", "2", "--crf-labels", "2", "8", "--json", str(json_p),
+                "--markdown-file", str(md_p)])
     rows = json.loads(json_p.read_text())["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2] == [r["batch_size"] for r in out["rows"]]
     for r in rows:
@@ -161,3 +162,27 @@ def test_launches_script_counts_every_stage(tmp_path) -> None:
     for r in rows.values():
         assert {"backbone", "cluster_features", "kmeans", "silhouette", "crf"} <= set(r)
         assert all(v["kernels"] > 0 for v in r.values())
+
+
+def test_harness_names_stay_importable_from_run() -> None:
+    import benchmarks.harness as harness
+    import benchmarks.run as run
+
+    for name in harness.__all__:
+        assert getattr(run, name) is getattr(harness, name), name
+
+
+def test_pinned_cluster_policy_reaches_the_clustering_stage() -> None:
+    """The stages ask ``clasp_torch.cluster.policy.cluster_policy``; pinning must answer there
+    (and for the package's name), and be undone afterwards."""
+    from benchmarks.harness import pinned_cluster_policy
+    from clasp_torch import cluster
+    from clasp_torch.cluster import policy as policy_module
+
+    cpu = torch.device("cpu")
+    own = policy_module.cluster_policy(cpu)
+    gpu = policy_module.cluster_policy(torch.device("cuda"))  # no CUDA needed to ask
+    assert own != gpu
+    with pinned_cluster_policy(gpu):
+        assert policy_module.cluster_policy(cpu) is gpu and cluster.cluster_policy(cpu) is gpu
+    assert policy_module.cluster_policy(cpu) == own and cluster.cluster_policy(cpu) == own
