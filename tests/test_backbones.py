@@ -5,8 +5,15 @@ import torch
 from torch import nn
 
 from clasp_torch.backbones import (
-    Backbone, DINOv2Backbone, EfficientNetLite0Backbone, ModuleBackbone, WeightsUnavailableError, available_backbones,
-    get_backbone, register_backbone, resolve_backbone_name,
+    Backbone,
+    DINOv2Backbone,
+    EfficientNetLite0Backbone,
+    ModuleBackbone,
+    WeightsUnavailableError,
+    available_backbones,
+    get_backbone,
+    register_backbone,
+    resolve_backbone_name,
 )
 from clasp_torch.backbones import dinov2 as dinov2_mod
 from clasp_torch.backbones.dinov2 import to_meta_state_dict

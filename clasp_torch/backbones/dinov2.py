@@ -35,7 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
-    Backbone, WeightsUnavailableError, check_input, invalid_weights_error, load_state_dict_checked, read_state_dict,
+    Backbone,
+    WeightsUnavailableError,
+    check_input,
+    invalid_weights_error,
+    load_state_dict_checked,
+    read_state_dict,
 )
 from .registry import register_backbone
 

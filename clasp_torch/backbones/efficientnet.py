@@ -42,13 +42,17 @@ and on ADE pixel accuracy (ADE mIoU within 0.03 of the best). Block 10 (the 11th
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from .base import (
-    Backbone, WeightsUnavailableError, check_input, invalid_weights_error, load_state_dict_checked, read_state_dict,
+    Backbone,
+    WeightsUnavailableError,
+    check_input,
+    invalid_weights_error,
+    load_state_dict_checked,
+    read_state_dict,
 )
 from .registry import register_backbone
 
