@@ -5,7 +5,9 @@
 #
 # 1. installs the project (pip install -e ".[dev]"; set SKIP_INSTALL=1 when it is already installed;
 #    without network access the install may fail: the script then goes on with what is installed),
-# 2. (last, in the time left) the fast test suite (python -m pytest -q -x -k "not slow"; SKIP_TESTS=1 skips it),
+# 2. (last, in the time left) the stage tests on CUDA in float32 and float64
+#    (python -m pytest --device cuda --dtype all tests/test_stages.py tests/test_spectral.py ...), then
+#    the fast test suite (python -m pytest -q -x -k "not slow"; SKIP_TESTS=1 skips both),
 # 3. benchmarks.run on CUDA with DINOv2 ViT-S/14-reg (random weights: same compute as the real
 #    ones) on 640x480 inputs, batch sizes 1 8 32, with and without the CRF (images/s end to end,
 #    peak GPU memory at batch 32), plus the literal CPU reference on the same features,
@@ -113,6 +115,10 @@ within 90 "$PY" -m benchmarks.segment_e2e --device $DEV --backbone dinov2_vits14
   --json "$OUTDIR/segment_e2e_cuda.json" 2>&1 | tee "$OUTDIR/segment_e2e_cuda.log" || status=1
 
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  step "stage tests on the GPU (spectral, clustering, CRF, stage Modules; --device cuda, float32 and float64)"
+  within 90 "$PY" -m pytest -q -x -p no:cacheprovider --device $DEV --dtype all tests/test_stages.py \
+    tests/test_spectral.py tests/test_cluster.py tests/test_crf.py 2>&1 | tail -n 30 \
+    | tee "$OUTDIR/gpu_check_stage_tests.log" || status=1
   step "tests"
   within 150 "$PY" -m pytest -q -x -k "not slow" 2>&1 | tail -n 40 | tee "$OUTDIR/gpu_check_tests.log" || status=1
 fi

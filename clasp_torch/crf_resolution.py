@@ -29,8 +29,8 @@ within ``batch_pixels`` (:func:`plan_crf_batches`), so the CRF's working set on 
 bounded whatever the batch holds. Images are independent in the CRF, so chunking never changes a
 result.
 
-Functional core: :func:`crf_refine_labels_bounded`; the pipeline's refiner
-(``clasp_torch.pipeline._CRFRefiner``) is a thin module over it.
+Functional core: :func:`crf_refine_labels_bounded`; :class:`CRFRefiner`, the pipeline's refiner
+stage, is a thin Module over it.
 """
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ from typing import Any, Hashable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .crf import _argmax_labels, crf_refine_labels, dense_crf, unary_from_labels
+from .checks import check_choice, check_float, check_int
+from .crf import argmax_labels, crf_refine_labels, dense_crf, unary_from_labels
 
 __all__ = [
     "DEFAULT_CRF_BATCH_PIXELS",
     "DEFAULT_CRF_MAX_PIXELS",
     "MIN_SXY",
+    "CRFRefiner",
+    "CRF_PARAMS",
     "chunk_cost",
     "crf_refine_labels_bounded",
     "crf_working_size",
@@ -242,7 +245,7 @@ def upsample_marginals_argmax(Q: Tensor, size: tuple[int, int], out: Tensor | No
     H, W = int(size[0]), int(size[1])
     dev = Q.device
     res = _output(out, (H, W), dev)
-    lab = _argmax_labels(Q.unsqueeze(0))[0]  # (h, w)
+    lab = argmax_labels(Q.unsqueeze(0))[0]  # (h, w)
     if (h, w) == (H, W):
         res.copy_(lab)
         return res
@@ -460,3 +463,76 @@ def crf_refine_labels_bounded(
     if mask is not None:
         out.masked_fill_(~mask, -1)
     return out
+
+
+#: the keyword arguments :class:`CRFRefiner` (``CLASP(crf_params=...)``) accepts: the dense CRF's
+#: (:func:`clasp_torch.crf.dense_crf`), the unary's ``gt_prob`` and the working resolution's
+CRF_PARAMS: tuple[str, ...] = tuple(k for k in _CRF_DEFAULTS if k not in ("image", "unary", "mask", "label_mask")) + (
+    "gt_prob", "upsample", "scale_bandwidths")
+
+
+class CRFRefiner(nn.Module):
+    """The pipeline's refinement stage: the dense CRF at a bounded working resolution, a Module over
+    :func:`crf_refine_labels_bounded`.
+
+    Args:
+        gt_prob: confidence of the input labels (pydensecrf's ``unary_from_labels``).
+        max_pixels: working-resolution cap (:data:`DEFAULT_CRF_MAX_PIXELS`).
+        batch_pixels: budget of one CRF call (:data:`DEFAULT_CRF_BATCH_PIXELS`).
+        upsample, scale_bandwidths: see :func:`crf_refine_labels_bounded`.
+        **params: the dense CRF's keyword arguments (``n_iter``, ``sxy_gaussian``, ...; see
+            :data:`CRF_PARAMS`). Unknown names raise a ``ValueError`` listing the accepted ones;
+            :class:`~clasp_torch.crf.DenseCRF`'s ``n_labels`` and ``clip`` do not apply here
+            (each image's label count is its K; the unary comes from hard labels).
+
+    Shape:
+        - images: ``(B, 3, H, W)`` uint8, labels ``(B, H, W)`` int64 (anything on padding),
+          n_labels ``(B,)``, mask ``(B, H, W)`` bool
+        - output: ``(B, H, W)`` int64, ``-1`` outside ``mask``
+
+    Example:
+        >>> refiner = CRFRefiner(n_iter=5)
+        >>> img = torch.zeros(1, 3, 8, 8, dtype=torch.uint8); img[..., 4:] = 200
+        >>> lab = torch.zeros(1, 8, 8, dtype=torch.long); lab[..., 5:] = 1
+        >>> refiner(img, lab, torch.tensor([2]), torch.ones(1, 8, 8, dtype=torch.bool))[0, 0].tolist()
+        [0, 0, 0, 0, 1, 1, 1, 1]
+    """
+
+    def __init__(
+        self,
+        gt_prob: float = 0.8,
+        max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
+        batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
+        upsample: Literal["marginals", "nearest"] = "marginals",
+        scale_bandwidths: bool = True,
+        **params: Any,
+    ) -> None:
+        super().__init__()
+        for name in ("n_labels", "clip"):
+            if name in params:
+                raise ValueError(
+                    f"crf_params: {name!r} is a DenseCRF argument that does not apply to the pipeline's refiner "
+                    "(each image's label count is its K, and the unary comes from hard labels); remove it")
+        unknown = sorted(set(params) - set(CRF_PARAMS))
+        if unknown:
+            raise ValueError(f"crf_params: unknown argument(s) {', '.join(map(repr, unknown))}; "
+                             f"accepted: {', '.join(CRF_PARAMS)}")
+        self.gt_prob = check_float("gt_prob", gt_prob, minimum=0.0, maximum=1.0, open_interval=True)
+        self.max_pixels = check_int("crf_max_pixels", max_pixels, 1)
+        self.batch_pixels = check_int("crf_batch_pixels", batch_pixels, 1)
+        self.upsample = check_choice("upsample", upsample, ("marginals", "nearest"))
+        self.scale_bandwidths = bool(scale_bandwidths)
+        if "n_iter" in params:
+            params["n_iter"] = check_int("n_iter", params["n_iter"], 0)
+        self.params = params
+
+    def forward(self, images: Tensor, labels: Tensor, n_labels: Tensor, mask: Tensor) -> Tensor:
+        return crf_refine_labels_bounded(
+            images, labels, n_labels, self.gt_prob, mask, max_pixels=self.max_pixels,
+            batch_pixels=self.batch_pixels, upsample=self.upsample,  # type: ignore[arg-type]
+            scale_bandwidths=self.scale_bandwidths, **self.params,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"gt_prob={self.gt_prob}, max_pixels={self.max_pixels}, batch_pixels={self.batch_pixels}, "
+                f"upsample={self.upsample!r}, params={self.params}")

@@ -9,24 +9,27 @@ dense CRF of :mod:`clasp_torch.crf`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, get_backbone
-from .cluster import ClusterSelection, _check_int, select_k
-from .crf_resolution import DEFAULT_CRF_BATCH_PIXELS, DEFAULT_CRF_MAX_PIXELS, crf_refine_labels_bounded
+from .checks import check_shape
+from .cluster import ClusterSelection, KBandClustering
+from .crf_resolution import DEFAULT_CRF_BATCH_PIXELS, DEFAULT_CRF_MAX_PIXELS, CRFRefiner
+from .embedding import KSelector, SpectralEmbedding
 from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
-from .spectral import AffinityKind, EigenMethod, eigengap_elbow, k_band, spectral_decomposition
+from .settings import CLASPSettings
+from .spectral import AffinityKind, EigenMethod
 
-__all__ = ["CLASP", "CLASPOutput", "upsample_labels", "images_to_list", "pad_images", "patch_guides"]
+__all__ = ["CLASP", "CLASPOutput", "upsample_labels", "images_to_list", "pad_images", "patch_guides", "to_uint8"]
 
 ImagesLike = Tensor | Sequence[Tensor]
-KSelector = Literal["eigengap", "entropy"]
 
 
 @dataclass
@@ -207,6 +210,19 @@ def upsample_labels(patch_labels: Tensor, grid_sizes: Tensor, image_sizes: Tenso
     return out
 
 
+def _setting(name: str, settable: bool = False) -> Any:
+    """An attribute of :class:`CLASP` forwarding to ``self.settings.<name>``; ``settable`` for the
+    settings read at every forward (not baked into a stage), which assignment replaces (validated)."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.settings, name)
+
+    def put(self: Any, value: Any) -> None:
+        self.settings = dataclasses.replace(self.settings, **{name: value})
+
+    return property(get, put if settable else None, doc=f"``settings.{name}``.")
+
+
 class CLASP(nn.Module):
     """CLASP: training-free per-image segmentation by adaptive spectral clustering.
 
@@ -293,51 +309,42 @@ class CLASP(nn.Module):
         crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
         crf_batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
         keep_band_labels: bool = False,
-        smoothing: nn.Module | None = None,
+        smoothing: str | nn.Module | None = None,
+        smoothing_sigma: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must lie in (0, 1), got {beta!r}")
-        if fixed_k is not None:
-            fixed_k = _check_int("fixed_k", fixed_k, 2)
-        n_init = _check_int("n_init", n_init, 1)
-        max_iter = _check_int("max_iter", max_iter, 1)
-        seed = _check_int("seed", seed)
-        max_patches = _check_int("max_patches", max_patches, 4)
-        if max_problems is not None:
-            max_problems = _check_int("max_problems", max_problems, 1)
-        crf_max_pixels = _check_int("crf_max_pixels", crf_max_pixels, 1)
-        crf_batch_pixels = _check_int("crf_batch_pixels", crf_batch_pixels, 1)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-        if k_selector not in ("eigengap", "entropy"):
-            raise ValueError(f"k_selector must be 'eigengap' or 'entropy', got {k_selector!r}")
-        if eigen_method not in ("auto", "gram", "full"):
-            raise ValueError(f"eigen_method must be 'auto', 'gram' or 'full', got {eigen_method!r}")
-        if affinity not in ("cosine", "cosine_clipped", "gaussian", "laplacian"):
-            raise ValueError(
-                f"affinity must be 'cosine', 'cosine_clipped', 'gaussian' or 'laplacian', got {affinity!r}"
-            )
-        if amp_dtype is not None and not (isinstance(amp_dtype, torch.dtype) and amp_dtype.is_floating_point):
-            raise ValueError(f"amp_dtype must be None or a floating-point torch.dtype, got {amp_dtype!r}")
+        if smoothing is not None and not isinstance(smoothing, (str, nn.Module)):
+            raise ValueError(f"smoothing must be None, a kind name or an nn.Module, got {type(smoothing).__name__}")
+        self.settings = CLASPSettings(
+            beta=beta, fixed_k=fixed_k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, max_patches=max_patches,
+            eigen_method=eigen_method, affinity=affinity, k_selector=k_selector, amp_dtype=amp_dtype,
+            max_problems=max_problems, crf_max_pixels=crf_max_pixels, crf_batch_pixels=crf_batch_pixels,
+            crf_params=dict(crf_params or {}), keep_band_labels=keep_band_labels,
+            smoothing=smoothing if isinstance(smoothing, str) else "none", smoothing_sigma=smoothing_sigma,
+        )
+        st = self.settings
         self.backbone: Backbone = get_backbone(backbone, weights=weights, pretrained=pretrained)
         self.backbone.eval()
-        self.beta = beta
-        self.fixed_k = None if fixed_k is None else int(fixed_k)
-        self.n_init, self.max_iter, self.tol, self.seed = n_init, max_iter, tol, seed
-        self.max_patches = max_patches
-        self.eigen_method: EigenMethod = eigen_method
-        self.affinity: AffinityKind = affinity
-        self.k_selector: KSelector = k_selector
-        self.amp_dtype = amp_dtype
-        self.max_problems = max_problems
-        self.keep_band_labels = bool(keep_band_labels)
-        if smoothing is not None and not callable(smoothing):
-            raise ValueError(f"smoothing must be None or an nn.Module, got {type(smoothing).__name__}")
-        self.smoothing = smoothing
-        self.refiner = _build_refiner(
-            refiner, crf_params, max_pixels=crf_max_pixels, batch_pixels=crf_batch_pixels
-        )
+        self.smoothing: nn.Module | None = smoothing if isinstance(smoothing, nn.Module) else _build_smoothing(st)
+        self.embedding = SpectralEmbedding(beta=st.beta, method=st.eigen_method, affinity=st.affinity,  # type: ignore
+                                           k_selector=st.k_selector, fixed_k=st.fixed_k)  # type: ignore[arg-type]
+        self.clustering = KBandClustering(n_init=st.n_init, max_iter=st.max_iter, tol=st.tol, seed=st.seed,
+                                          max_problems=st.max_problems, keep_band=st.keep_band_labels)
+        self.refiner: nn.Module | None = _build_refiner(refiner, st)
+
+    beta = _setting("beta")
+    fixed_k = _setting("fixed_k")
+    n_init = _setting("n_init")
+    max_iter = _setting("max_iter")
+    tol = _setting("tol")
+    seed = _setting("seed")
+    max_patches = _setting("max_patches", settable=True)
+    eigen_method = _setting("eigen_method")
+    affinity = _setting("affinity")
+    k_selector = _setting("k_selector")
+    amp_dtype = _setting("amp_dtype", settable=True)
+    max_problems = _setting("max_problems")
+    keep_band_labels = _setting("keep_band_labels")
 
     # ------------------------------------------------------------------ stages
     def _device(self) -> torch.device:
@@ -409,12 +416,11 @@ class CLASP(nn.Module):
         The patch grid ``(B, h_max, w_max, D)`` is flattened row-major with each image's real
         patches moved to the front (the layout the spectral stage expects).
 
-        Degenerate images are one segment (``k = 1``, ``k_opt = 1``, all labels 0, NaN
-        silhouettes) instead of K clusters of noise: images flagged in ``single_segment``, and
-        images whose normalised feature rows all point the same way (affinity of numerical
-        rank < 2 with no opposite rows: constant or near-constant features, all-zero features,
-        a single patch). Images with 2 patches are one segment too (the silhouette needs
-        ``K <= n - 1``).
+        The stages are :attr:`embedding` (:class:`~clasp_torch.embedding.SpectralEmbedding`:
+        spectrum, K_opt and each image's band, with the rules for degenerate images: one segment
+        for images flagged in ``single_segment``, for images whose normalised feature rows all
+        point the same way, and for images of 2 patches) and :attr:`clustering`
+        (:class:`~clasp_torch.cluster.KBandClustering`: k-means + silhouette over the band).
 
         Args:
             feats: ``(B, h_max, w_max, D)`` float features (zero padded).
@@ -428,53 +434,19 @@ class CLASP(nn.Module):
         Raises:
             ValueError: wrong shapes, an image without patches, NaN/Inf features.
         """
-        if feats.dim() != 4:
-            raise ValueError(f"feats must have shape (B, h, w, D), got {tuple(feats.shape)}")
+        dims = check_shape(feats, "B h w D", "feats")
         B, hm, wm, D = feats.shape
-        if patch_mask.shape != (B, hm, wm):
-            raise ValueError(f"patch_mask must have shape (B, h, w) = {(B, hm, wm)}, got {tuple(patch_mask.shape)}")
+        check_shape(patch_mask, "B h w", "patch_mask", sizes=dims)
         patch_mask = patch_mask.to(device=feats.device, dtype=torch.bool)
         if B and bool((patch_mask.reshape(B, -1).sum(-1) == 0).any()):
             raise ValueError("patch_mask: every image needs at least one real patch")
-        if single_segment is not None:
-            single_segment = torch.as_tensor(single_segment, device=feats.device).bool()
-            if single_segment.shape != (B,):
-                raise ValueError(f"single_segment must have shape (B,) = {(B,)}, got {tuple(single_segment.shape)}")
         flat_mask = patch_mask.reshape(B, hm * wm)
         # stable sort: real patches first, in row-major order
         order = torch.argsort((~flat_mask).to(torch.int8), dim=1, stable=True)
         f = feats.reshape(B, hm * wm, D).gather(1, order.unsqueeze(-1).expand(B, hm * wm, D))
         m = flat_mask.gather(1, order)
-        method = self.eigen_method
-        if method == "auto" and self.affinity == "cosine":
-            # always the exact Gram path: spectral_decomposition's own "auto" switches path on the
-            # padded N of the batch, which would let an image's result depend on its batch
-            method = "gram"
-        spec = spectral_decomposition(f, m, method=method, affinity=self.affinity)
-        if self.k_selector == "entropy":
-            from .selectors import effective_rank_k
-
-            k_opt = effective_rank_k(spec.eigenvalues, spec.n)
-        else:
-            k_opt = eigengap_elbow(spec.eigenvalues, spec.n)
-        # K can never exceed the number of distinct feature vectors (duplicate rows): more
-        # clusters would split identical points by float noise.
-        n_distinct = _count_distinct_rows(f, m)
-        if self.fixed_k is not None:
-            kf = torch.full_like(k_opt, self.fixed_k)
-            lo = torch.minimum(kf, n_distinct.clamp_min(2))
-            hi = torch.minimum(torch.minimum(kf, spec.n - 1), n_distinct)
-        else:
-            lo, hi = k_band(k_opt, spec.n, self.beta)
-            hi = torch.minimum(hi, n_distinct)
-        single = _single_direction(spec.eigenvalues, spec.eigenvectors, spec.n)
-        if single_segment is not None:
-            single = single | single_segment
-        k_opt = torch.where(single, torch.ones_like(k_opt), k_opt)
-        hi = torch.where(single, lo - 1, hi)  # an empty band: select_k returns one segment
-        sel = select_k(spec.eigenvectors, m, lo, hi, n_init=self.n_init, max_iter=self.max_iter,
-                       tol=self.tol, seed=self.seed, max_problems=self.max_problems,
-                       keep_band=self.keep_band_labels)
+        emb = self.embedding(f, m, single_segment=single_segment)
+        sel = self.clustering(emb.spectral, emb.k_lo, emb.k_hi)
         # scatter back to the grid layout
         lab = torch.full((B, hm * wm), -1, dtype=torch.long, device=feats.device)
         lab.scatter_(1, order, sel.labels)
@@ -483,7 +455,7 @@ class CLASP(nn.Module):
             band = torch.full((B, Kc, hm * wm), -1, dtype=torch.long, device=feats.device)
             band.scatter_(2, order.unsqueeze(1).expand(B, Kc, hm * wm), sel.band_labels)
             sel.band_labels = band.view(B, Kc, hm, wm)
-        return lab.view(B, hm, wm), k_opt, spec.eigenvalues, sel
+        return lab.view(B, hm, wm), emb.k_opt, emb.spectral.eigenvalues, sel
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -492,7 +464,7 @@ class CLASP(nn.Module):
         imgs = [im.to(self._device()) for im in images_to_list(images)]
         image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long, device="cpu")
         feats, pmask, grids = self.extract_features(imgs)
-        padded, imask = pad_images([_to_uint8(im) for im in imgs])
+        padded, imask = pad_images([to_uint8(im) for im in imgs])
         # A uniform image (one colour, up to UNIFORM_TOLERANCE grey levels) is one segment;
         # its features are not constant (zero padding / position embeddings vary over the grid)
         # so the feature-level test of cluster_features cannot see it.
@@ -508,7 +480,7 @@ class CLASP(nn.Module):
         dev = feats.device
         coarse = upsample_labels(patch_labels, grids.to(dev), image_sizes.to(dev))
         labels = coarse
-        if isinstance(self.refiner, _CRFRefiner):  # ignores labels outside imask, writes -1 there: no full-size copies
+        if isinstance(self.refiner, CRFRefiner):  # ignores labels outside imask, writes -1 there: no full-size copies
             labels = self.refiner(padded, coarse, sel.k, imask)
         elif self.refiner is not None:
             labels = self.refiner(padded, coarse.clamp_min(0), sel.k, imask).masked_fill(~imask, -1)
@@ -520,107 +492,37 @@ class CLASP(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, fixed_k={self.fixed_k}, n_init={self.n_init}, seed={self.seed}, "
-                f"max_patches={self.max_patches}, k_selector={self.k_selector!r}")
+        return f"max_patches={self.max_patches}, amp_dtype={self.amp_dtype}"
 
 
 UNIFORM_TOLERANCE = 2
 """Images whose every channel spans at most this many grey levels (uint8 units) are one segment."""
 
-# Affinity eigenvalues below this fraction of the largest are numerically zero (the Gram path's
-# default rank tolerance).
-_RANK_TOL = 1e-10
-
-
-def _count_distinct_rows(features: Tensor, mask: Tensor) -> Tensor:
-    """``(B,)`` number of distinct normalised feature rows among the real ones.
-
-    Rows are compared after L2 normalisation and rounding to ``2**-20`` (so rows that differ
-    only by float noise count once), through a 64-bit hash of each row and one sort.
-    """
-    from .spectral import normalize_features
-
-    B, N, D = features.shape
-    q = torch.round(normalize_features(features, mask).double() * 2**20).long()
-    g = torch.Generator(device="cpu").manual_seed(0x5EED)
-    w = torch.randint(1, 2**31 - 1, (D,), generator=g, dtype=torch.long, device="cpu").to(features.device)
-    h = (q * w).sum(-1)  # int64 arithmetic wraps: a hash
-    h = h.masked_fill(~mask, torch.iinfo(torch.long).max).sort(-1).values
-    n = mask.sum(-1)
-    pos = torch.arange(1, N, device=features.device).view(1, -1)
-    change = (h[:, 1:] != h[:, :-1]) & (pos < n.view(-1, 1))
-    return (1 + change.sum(-1)).minimum(n)
-
-
-def _single_direction(eigenvalues: Tensor, eigenvectors: Tensor, n: Tensor) -> Tensor:
-    """``(B,)`` True where every normalised feature row points the same way (or is zero).
-
-    That is the cosine affinity has numerical rank <= 1 and its leading eigenvector has no
-    entries of opposite signs (rank 1 with opposite rows, ``f`` and ``-f``, is two segments).
-    """
-    B, N = eigenvalues.shape
-    lam = eigenvalues.double()
-    lam1 = lam[:, 0].abs()
-    lam2 = lam[:, 1].abs() if N > 1 else torch.zeros_like(lam1)
-    rank_le1 = (lam2 <= _RANK_TOL * lam1) | (n <= 1)
-    if eigenvectors.shape[-1] == 0:
-        return rank_le1
-    u1 = eigenvectors[..., 0].double()
-    tol = 1e-6 * u1.abs().amax(-1, keepdim=True)
-    same_sign = ~((u1 > tol).any(-1) & (u1 < -tol).any(-1))
-    return rank_le1 & same_sign
-
-
-def _to_uint8(im: Tensor) -> Tensor:
+def to_uint8(im: Tensor) -> Tensor:
+    """An image as uint8: unchanged if uint8, else a float in [0, 1] scaled by 255 and rounded."""
     if im.dtype == torch.uint8:
         return im
     return (im.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-class _CRFRefiner(nn.Module):
-    """Adapter from the pipeline's refiner call to the dense CRF at a bounded working resolution
-    (:func:`clasp_torch.crf_resolution.crf_refine_labels_bounded`).
-
-    ``forward(images (B,3,H,W) uint8, labels (B,H,W), n_labels (B,), mask (B,H,W)) -> (B,H,W)``,
-    ``-1`` outside ``mask``; each image uses its own label count (``label_mask``), padding is
-    excluded (its labels may be anything). Images over ``max_pixels`` are refined downscaled,
-    batches in chunks within ``batch_pixels``.
-    """
-
-    def __init__(
-        self,
-        gt_prob: float = 0.8,
-        max_pixels: int = DEFAULT_CRF_MAX_PIXELS,
-        batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
-        upsample: Literal["marginals", "nearest"] = "marginals",
-        **params: Any,
-    ) -> None:
-        super().__init__()
-        self.gt_prob = gt_prob
-        self.max_pixels, self.batch_pixels, self.upsample = max_pixels, batch_pixels, upsample
-        self.params = params
-
-    def forward(self, images: Tensor, labels: Tensor, n_labels: Tensor, mask: Tensor) -> Tensor:
-        return crf_refine_labels_bounded(
-            images, labels, n_labels, self.gt_prob, mask, max_pixels=self.max_pixels,
-            batch_pixels=self.batch_pixels, upsample=self.upsample, **self.params,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"gt_prob={self.gt_prob}, max_pixels={self.max_pixels}, batch_pixels={self.batch_pixels}, "
-                f"upsample={self.upsample!r}, params={self.params}")
-
-
-def _build_refiner(
-    refiner: str | nn.Module | None, crf_params: dict[str, Any] | None, **bounds: int
-) -> nn.Module | None:
-    """The refiner module; ``bounds`` (``max_pixels``, ``batch_pixels``) go to the CRF's."""
+def _build_refiner(refiner: str | nn.Module | None, settings: CLASPSettings) -> nn.Module | None:
+    """The refiner stage: ``"crf"`` builds a :class:`~clasp_torch.crf_resolution.CRFRefiner` from
+    the settings (``crf_params``, ``crf_max_pixels``, ``crf_batch_pixels``)."""
     if refiner is None or (isinstance(refiner, str) and refiner.lower() == "none"):
         return None
     if isinstance(refiner, nn.Module):
         return refiner
     if isinstance(refiner, str) and refiner.lower() == "crf":
-        return _CRFRefiner(**{**bounds, **(crf_params or {})})
+        kw = {"max_pixels": settings.crf_max_pixels, "batch_pixels": settings.crf_batch_pixels,
+              **dict(settings.crf_params)}
+        return CRFRefiner(**kw)
     raise ValueError(f"refiner must be 'crf', None or an nn.Module, got {refiner!r}")
 
 
+def _build_smoothing(settings: CLASPSettings) -> nn.Module | None:
+    """The feature-smoothing stage of the settings (``None`` for ``"none"``)."""
+    if settings.smoothing == "none":
+        return None
+    from .smoothing import FeatureSmoothing
+
+    return FeatureSmoothing(settings.smoothing, settings.smoothing_sigma)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .checks import check_bool_mask, check_shape
 
 AffinityKind = Literal["cosine", "cosine_clipped", "gaussian", "laplacian"]
 EigenMethod = Literal["auto", "gram", "full"]
@@ -36,7 +38,6 @@ __all__ = [
     "eigengap_elbow",
     "spectrum_and_counts",
     "k_band",
-    "SpectralEmbedding",
     "valid_mask",
 ]
 
@@ -48,14 +49,8 @@ def valid_mask(features: Tensor, mask: Tensor | None) -> Tensor:
         features: ``(B, N, D)`` features.
         mask: ``(B, N)`` boolean or ``None`` (all rows valid).
     """
-    if features.dim() != 3:
-        raise ValueError(f"features must have shape (B, N, D), got {tuple(features.shape)}")
-    B, N, _ = features.shape
-    if mask is None:
-        return torch.ones(B, N, dtype=torch.bool, device=features.device)
-    if mask.shape != (B, N):
-        raise ValueError(f"mask must have shape (B, N) = {(B, N)}, got {tuple(mask.shape)}")
-    return mask.to(device=features.device, dtype=torch.bool)
+    dims = check_shape(features, "B N D", "features")
+    return check_bool_mask("mask", mask, (dims["B"], dims["N"]), features.device)
 
 
 def normalize_features(features: Tensor, mask: Tensor | None = None, eps: float = 1e-12) -> Tensor:
@@ -357,35 +352,3 @@ def k_band(k_opt: Tensor, n: Tensor, beta: float = 0.5, k_min: int = 2) -> tuple
     hi = torch.ceil(torch.round(kf * (1 + beta), decimals=9)).long()
     hi = torch.minimum(hi, n.to(hi.device).long() - 1)
     return lo, hi
-
-
-class SpectralEmbedding(nn.Module):
-    """Module wrapper: features → (eigenvalues, eigenvectors, K_opt, K band).
-
-    Args:
-        beta: K band half-width.
-        method: eigen method, see :func:`spectral_decomposition`.
-        affinity: affinity kind, see :func:`affinity_matrix`.
-
-    Shape:
-        - features: ``(B, N, D)``, mask ``(B, N)``
-        - output: ``(SpectralResult, k_opt (B,), k_lo (B,), k_hi (B,))``
-    """
-
-    def __init__(self, beta: float = 0.5, method: EigenMethod = "auto", affinity: AffinityKind = "cosine") -> None:
-        super().__init__()
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must lie in (0, 1), got {beta}")
-        self.beta = beta
-        self.method = method
-        self.affinity = affinity
-
-    def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[SpectralResult, Tensor, Tensor, Tensor]:
-        res = spectral_decomposition(features, mask, method=self.method, affinity=self.affinity)
-        k_opt = eigengap_elbow(res.eigenvalues, res.n)
-        lo, hi = k_band(k_opt, res.n, self.beta)
-        return res, k_opt, lo, hi
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, method={self.method!r}, affinity={self.affinity!r}"
-

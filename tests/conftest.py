@@ -11,6 +11,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ---------------------------------------------------------------- device / dtype (as kornia's)
+#: (rtol, atol) of a comparison against a float64 reference, per compute dtype
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-10, 1e-12),
+}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", action="store", default="cpu",
+                     help="device(s) of the `device` fixture: cpu, cuda, cuda:N, comma-separated, or 'all' "
+                          "(cpu and cuda when available)")
+    parser.addoption("--dtype", action="store", default="float32",
+                     help="dtype(s) of the `dtype` fixture: float32, float64, comma-separated, or 'all'")
+
+
+def _devices(option: str) -> list[str]:
+    if option == "all":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [d.strip() for d in option.split(",") if d.strip()]
+
+
+def _dtype_names(option: str) -> list[str]:
+    names = list(_DTYPES) if option == "all" else [d.strip() for d in option.split(",") if d.strip()]
+    unknown = [n for n in names if n not in _DTYPES]
+    if unknown:
+        raise pytest.UsageError(f"--dtype: unknown {unknown}; choose from {list(_DTYPES)} or 'all'")
+    return names
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests taking a ``device`` / ``dtype`` argument run once per ``--device`` / ``--dtype`` value
+    (default: cpu, float32), so ``python -m pytest --device cuda --dtype all`` runs the same stage
+    tests on a GPU in both precisions. A test that parametrizes the name itself keeps its own values."""
+    own = set()
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0]
+        own.update(n.strip() for n in (names.split(",") if isinstance(names, str) else names))
+    if "device" in metafunc.fixturenames and "device" not in own:
+        devices = _devices(metafunc.config.getoption("--device"))
+        for d in devices:
+            if d.startswith("cuda") and not torch.cuda.is_available():
+                raise pytest.UsageError(f"--device {d}: no CUDA GPU is visible")
+        metafunc.parametrize("device", [torch.device(d) for d in devices], ids=devices)
+    if "dtype" in metafunc.fixturenames and "dtype" not in own:
+        names = _dtype_names(metafunc.config.getoption("--dtype"))
+        metafunc.parametrize("dtype", [_DTYPES[n] for n in names], ids=names)
+
+
+@pytest.fixture
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """``rtol``/``atol`` for ``torch.testing.assert_close`` against a float64 reference."""
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
 DATA_ROOT = Path(os.environ.get("CLASP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

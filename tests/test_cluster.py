@@ -8,7 +8,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score as sk_silhouette
 
-from clasp_torch.cluster import best_in_band, hash_uniform, kmeans, select_k, silhouette_samples, silhouette_score
+from clasp_torch.cluster import ClusterPolicy, best_in_band, hash_uniform, kmeans, select_k, silhouette_samples, silhouette_score
 from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
 
 
@@ -18,16 +18,19 @@ def _blobs(n: int, k: int, d: int, seed: int, spread: float = 1.0) -> np.ndarray
     return (c[rng.integers(0, k, n)] + rng.normal(0, spread, (n, d))).astype(np.float64)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_silhouette_matches_sklearn(dtype: torch.dtype, tol: float) -> None:
+SILHOUETTE_ABS = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def test_silhouette_matches_sklearn(device: torch.device, dtype: torch.dtype) -> None:
     rng = np.random.default_rng(0)
     for trial in range(6):
         n, k = int(rng.integers(20, 300)), int(rng.integers(2, 9))
         x = _blobs(n, k, 5, trial, spread=2.0)
         lab = rng.integers(0, k, n)
         lab[:k] = np.arange(k)
-        got = float(silhouette_score(torch.from_numpy(x).to(dtype)[None], torch.from_numpy(lab)[None]))
-        assert got == pytest.approx(sk_silhouette(x, lab), abs=tol)
+        xt = torch.from_numpy(x).to(device=device, dtype=dtype)[None]
+        got = float(silhouette_score(xt, torch.from_numpy(lab).to(device)[None]))
+        assert got == pytest.approx(sk_silhouette(x, lab), abs=SILHOUETTE_ABS[dtype])
 
 
 def test_silhouette_singletons_and_duplicates() -> None:
@@ -87,17 +90,17 @@ def test_kmeans_inertia_close_to_sklearn_on_blobs() -> None:
         assert float(res.inertia) == pytest.approx(((x - c[lab]) ** 2).sum(), rel=1e-9)
 
 
-def test_kmeans_batched_equals_single_and_is_seeded() -> None:
+def test_kmeans_batched_equals_single_and_is_seeded(device: torch.device, dtype: torch.dtype) -> None:
     xs = [_blobs(n, 4, 5, n) for n in (60, 90)]
-    X = torch.zeros(2, 90, 5, dtype=torch.float64)
-    M = torch.zeros(2, 90, dtype=torch.bool)
+    X = torch.zeros(2, 90, 5, dtype=dtype, device=device)
+    M = torch.zeros(2, 90, dtype=torch.bool, device=device)
     for i, x in enumerate(xs):
-        X[i, : len(x)] = torch.from_numpy(x)
+        X[i, : len(x)] = torch.from_numpy(x).to(X)
         M[i, : len(x)] = True
-    k = torch.tensor([4, 3])
+    k = torch.tensor([4, 3], device=device)
     both = kmeans(X, k, M, seed=7)
     for i, x in enumerate(xs):
-        one = kmeans(torch.from_numpy(x)[None], k[i : i + 1], seed=7)
+        one = kmeans(torch.from_numpy(x).to(X)[None], k[i : i + 1], seed=7)
         assert torch.equal(one.labels[0], both.labels[i, : len(x)])
     again = kmeans(X, k, M, seed=7)
     assert torch.equal(again.labels, both.labels)
@@ -120,10 +123,11 @@ _RELOC_INIT = np.array([[0.1, 0.0], [10.1, 0.0], [200.0, 0.0], [300.0, 0.0]])
 
 def _kmeans_from(monkeypatch: pytest.MonkeyPatch, x: np.ndarray, init: np.ndarray, max_iter: int):
     """clasp_torch's k-means (one restart) started from the given centres instead of k-means++."""
-    from clasp_torch import cluster
+    import importlib
 
+    kmeans_module = importlib.import_module("clasp_torch.cluster.kmeans")
     start = torch.from_numpy(init.copy())
-    monkeypatch.setattr(cluster, "_kmeanspp", lambda xi, *a, **kw: start.clone()[None, None].to(xi.dtype))
+    monkeypatch.setattr(kmeans_module, "kmeanspp", lambda xi, *a, **kw: start.clone()[None, None].to(xi.dtype))
     return kmeans(torch.from_numpy(x)[None], torch.tensor([len(init)]), n_init=1, max_iter=max_iter, tol=0.0)
 
 
@@ -325,7 +329,7 @@ def test_silhouette_size_buckets_match_sklearn() -> None:
 def test_select_k_batch_with_very_different_bands_equals_single_images() -> None:
     """Bands of very different sizes in one batch take the 16-restart row layout of the k-means
     GEMM; every image still gets exactly its own single-image labels and silhouettes."""
-    from clasp_torch.cluster import _KGroups
+    from clasp_torch.cluster.layout import KGroups
 
     feats, masks = [], []
     for i, (n, k) in enumerate([(90, 2), (120, 7), (60, 3), (150, 9)]):
@@ -341,7 +345,7 @@ def test_select_k_batch_with_very_different_bands_equals_single_images() -> None
     lo = torch.tensor([2, 2, 2, 5])
     hi = torch.tensor([3, 12, 4, 14])
     img = torch.repeat_interleave(torch.arange(4), (hi - lo + 1) * 10)
-    assert _KGroups._chunk(img, 4) == 16  # the batch does use the chunked rows
+    assert KGroups._chunk(img, 4) == 16  # the batch does use the chunked rows
     batch = select_k(spec.eigenvectors, spec.mask, lo, hi)
     for i in range(4):
         one = select_k(spec.eigenvectors[i : i + 1], spec.mask[i : i + 1], lo[i : i + 1], hi[i : i + 1])
@@ -374,15 +378,15 @@ def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_gro
     freezes restarts whose labels still move and ends on max_iter; one restart per problem makes
     every restart's centres part of the result."""
     from benchmarks.run import problems_of
-    from clasp_torch.cluster import _kmeans_images
+    from clasp_torch.cluster.kmeans import kmeans_problems
 
     spec, M = _blob_spectra(seed=5, B=3, N=150, D=6, n_blobs=7, short=(1, 120))
     lo = torch.tensor([2, 3, 4])
     hi = torch.tensor([9, 5, 7])
     prob = problems_of(spec.eigenvectors, M, lo, hi)
     args = (prob["emb"], prob["image_mask"], prob["b_idx"], prob["dims"], prob["k"], n_init, max_iter, tol, 0, 1)
-    ref = _kmeans_images(*args, compact_below=1.0, max_groups=3)
-    out = _kmeans_images(*args, compact_below=compact_below, max_groups=max_groups)
+    ref = kmeans_problems(*args, compact_below=1.0, max_groups=3)
+    out = kmeans_problems(*args, compact_below=compact_below, max_groups=max_groups)
     assert torch.equal(out.labels, ref.labels)
     assert torch.equal(out.centers, ref.centers)
     assert torch.equal(out.inertia, ref.inertia)
@@ -392,14 +396,14 @@ def test_kmeans_gpu_policies_do_not_change_results(compact_below: float, max_gro
 def test_select_k_gives_the_same_answer_under_every_device_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """select_k under the GPU policy (and a tiny silhouette block: several image blocks) equals the
     CPU policy's labels, K and silhouettes bit for bit."""
-    from clasp_torch import cluster
+    from clasp_torch.cluster import policy as cluster_policy_module
 
     N = 120
     spec, M = _blob_spectra(seed=11, B=4, N=N, D=5, n_blobs=6, short=(2, 90))
     lo, hi = k_band(eigengap_elbow(spec.eigenvalues, spec.n), spec.n)
     ref = select_k(spec.eigenvectors, M, lo, hi, n_init=4)
-    for policy in (cluster.ClusterPolicy(0.5, 1, 2**27), cluster.ClusterPolicy(0.0, 2, N * N)):
-        monkeypatch.setattr(cluster, "cluster_policy", lambda _device, p=policy: p)
+    for policy in (ClusterPolicy(0.5, 1, 2**27), ClusterPolicy(0.0, 2, N * N)):
+        monkeypatch.setattr(cluster_policy_module, "cluster_policy", lambda _device, p=policy: p)
         out = select_k(spec.eigenvectors, M, lo, hi, n_init=4)
         assert torch.equal(out.labels, ref.labels) and torch.equal(out.k, ref.k)
         assert torch.equal(out.scores.nan_to_num(-9.0), ref.scores.nan_to_num(-9.0))

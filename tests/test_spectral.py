@@ -9,7 +9,6 @@ import torch
 from benchmarks.reference import eigengap_elbow as np_elbow
 from benchmarks.reference import k_band as np_band
 from clasp_torch.spectral import (
-    SpectralEmbedding,
     affinity_matrix,
     cosine_affinity,
     eigengap_elbow,
@@ -60,23 +59,23 @@ def test_gram_equals_full_path_on_real_features(real_features) -> None:
     _assert_same_subspaces(gram.eigenvectors[0, :, :20].numpy(), v[:, :20], w[:20])
 
 
-def test_ragged_batch_equals_single() -> None:
+def test_ragged_batch_equals_single(device: torch.device, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(50, 8, generator=g, dtype=torch.float64)
-    b = torch.randn(80, 8, generator=g, dtype=torch.float64)
-    f = torch.zeros(2, 80, 8, dtype=torch.float64)
+    a = torch.randn(50, 8, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    b = torch.randn(80, 8, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    f = torch.zeros(2, 80, 8, dtype=dtype, device=device)
     f[0, :50], f[1] = a, b
-    mask = torch.zeros(2, 80, dtype=torch.bool)
+    mask = torch.zeros(2, 80, dtype=torch.bool, device=device)
     mask[0, :50] = True
     mask[1] = True
     res = spectral_decomposition(f, mask)
     single = spectral_decomposition(a[None])
-    np.testing.assert_allclose(res.eigenvalues[0, :50].numpy(), single.eigenvalues[0].numpy(), atol=1e-10)
+    np.testing.assert_allclose(res.eigenvalues[0, :50].cpu().numpy(), single.eigenvalues[0].cpu().numpy(), atol=1e-10)
     assert torch.all(res.eigenvalues[0, 50:] == 0)
     assert torch.all(res.eigenvectors[0, 50:] == 0)
     k = eigengap_elbow(res.eigenvalues, res.n)
     assert k[0] == eigengap_elbow(single.eigenvalues)[0]
-    assert k[0] == np_elbow(single.eigenvalues[0].numpy())
+    assert k[0] == np_elbow(single.eigenvalues[0].cpu().numpy())
 
 
 def test_elbow_matches_literal_transcription_synthetic() -> None:
@@ -120,6 +119,9 @@ def test_k_band_matches_literal(k_opt: int) -> None:
     lo, hi = k_band(torch.tensor([k_opt]), torch.tensor([n]))
     expect = np_band(k_opt, n)
     assert list(range(int(lo), int(hi) + 1)) == expect
+
+
+from clasp_torch.embedding import SpectralEmbedding  # noqa: E402
 
 
 def test_k_band_rejects_bad_beta() -> None:
@@ -197,10 +199,9 @@ def test_zero_rows_give_no_nan() -> None:
     assert torch.all(res.eigenvalues[0, 1:].abs() < 1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dtypes(dtype: torch.dtype) -> None:
+def test_dtypes(device: torch.device, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(5)
-    f = torch.randn(2, 70, 12, generator=g).to(dtype)
+    f = torch.randn(2, 70, 12, generator=g).to(device=device, dtype=dtype)
     res = spectral_decomposition(f)
     assert res.eigenvalues.dtype == torch.float64
     assert torch.allclose(res.eigenvalues.sum(-1), torch.full((2,), 70.0, dtype=torch.float64), atol=1e-4)
