@@ -92,6 +92,7 @@ def _build_model(args: argparse.Namespace, refiner: str | None):
             fixed_k=getattr(args, "fixed_k", None),
             seed=args.seed,
             k_selector=getattr(args, "k_selector", "eigengap"),
+            preset=getattr(args, "preset", "paper"),
             **({"crf_max_pixels": args.crf_max_pixels} if getattr(args, "crf_max_pixels", None) else {}),
         )
     except WeightsUnavailableError as exc:
@@ -257,7 +258,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        model = CLASP(args.backbone, weights=args.weights, max_patches=args.max_patches, seed=args.seed)
+        model = CLASP(args.backbone, weights=args.weights, max_patches=args.max_patches, seed=args.seed,
+                      preset=args.preset)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     except WeightsUnavailableError as exc:
         if args.backbone not in ("dinov2_vits14_reg", "dinov2"):
             raise CLIError(str(exc)) from None
@@ -267,7 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "(ImageNet EfficientNet-Lite0; NOT the paper's backbone).",
             file=sys.stderr,
         )
-        model = CLASP("efficientnet_lite0", max_patches=args.max_patches, seed=args.seed)
+        model = CLASP("efficientnet_lite0", max_patches=args.max_patches, seed=args.seed, preset=args.preset)
     import torch
 
     device = "cuda" if (args.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
@@ -291,6 +295,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- eval
+def _settings_summary(model: Any) -> dict[str, Any]:
+    """The resolved settings that differ between presets or that the user set, for the eval report."""
+    st = model.settings
+    keys = ("preset", "n_init", "max_iter", "tol", "smoothing", "smoothing_sigma", "beta", "fixed_k", "k_selector",
+            "max_patches", "seed")
+    out = {k: getattr(st, k) for k in keys}
+    if st.smoothing == "none":
+        out.pop("smoothing_sigma")
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader, Subset
@@ -325,6 +340,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {
         "dataset": args.dataset, "root": str(args.root), "images": n, "backbone": model.backbone.name,
         "fixed_k": args.fixed_k, "k_selector": args.k_selector, "coarse": args.coarse,
+        "preset": args.preset, "settings": _settings_summary(model),
         "patch": {"miou": 100 * res["patch/miou"], "pixel_accuracy": 100 * res["patch/pixel_accuracy"]},
         "mean_k": res["mean_k"], "images_per_s": n / dt if dt > 0 else None, "seconds": dt,
     }
@@ -333,6 +349,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = [("patch", summary["patch"])] + ([("pixel (CRF)", summary["pixel"])] if "pixel" in summary else [])
     print(f"\n{args.dataset} ({n} images, backbone {model.backbone.name}, "
           f"{'fixed K=' + str(args.fixed_k) if args.fixed_k else 'adaptive K'})")
+    print("settings (preset " + repr(args.preset) + "): "
+          + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()))
     print(f"{'variant':<12} {'mIoU':>6} {'pix.acc':>8} {'mean K':>7} {'img/s':>6}")
     for name, r in rows:
         print(f"{name:<12} {r['miou']:6.1f} {r['pixel_accuracy']:8.1f} {summary['mean_k']:7.2f} {summary['images_per_s']:6.2f}")
@@ -353,6 +371,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-patches", type=int, default=2500, help="cap on patches per image (aspect kept)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="paper", choices=["paper", "best", "fast"],
+                   help="named settings (clasp_torch.presets): paper (default, the paper's pipeline), best (feature "
+                        "smoothing chosen on the dev sets with the stand-in backbone), fast (fewest k-means restarts)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -24,6 +24,7 @@ from .cluster import ClusterSelection, KBandClustering
 from .crf_resolution import DEFAULT_CRF_BATCH_PIXELS, DEFAULT_CRF_MAX_PIXELS, CRFRefiner
 from .embedding import KSelector, SpectralEmbedding
 from .preprocess import DEFAULT_MAX_PATCHES, preprocess_image
+from .presets import build_smoothing, resolve_preset
 from .settings import CLASPSettings
 from .spectral import AffinityKind, EigenMethod
 
@@ -235,7 +236,14 @@ class CLASP(nn.Module):
         pretrained: ``False`` builds a randomly initialised backbone (timing, tests).
         beta: half-width of the K band around ``K_opt`` (0.5).
         fixed_k: use this K for every image instead of the adaptive choice.
-        n_init, max_iter, tol, seed: k-means settings (restarts run as a batch dimension).
+        preset: named settings of the clustering and smoothing stages (:mod:`clasp_torch.presets`):
+            ``"paper"`` (the default: the paper's pipeline, unchanged), ``"best"`` (feature
+            smoothing chosen on the dev sets with the stand-in backbone) or ``"fast"`` (fewest
+            k-means restarts within 0.3 mIoU of ``paper``). An explicit keyword argument below
+            (``n_init``, ``max_iter``, ``tol``, ``smoothing``, ``smoothing_sigma``, ...) wins
+            over the preset's value; ``None`` keeps it.
+        n_init, max_iter, tol, seed: k-means settings (restarts run as a batch dimension);
+            ``None``: the preset's (``paper``: 10, 300, 1e-4).
         max_patches: cap on patches per image (aspect kept; default 2500).
         eigen_method, affinity: spectral options (``"auto"``/``"gram"``/``"full"``; the CLASP
             affinity is ``"cosine"``; others are ablations).
@@ -259,8 +267,11 @@ class CLASP(nn.Module):
         amp_dtype: run the backbone under autocast with this dtype (e.g. ``torch.bfloat16``);
             the spectral and clustering stages always run in float32/float64.
         max_problems: bound on (image, K) problems clustered at once (memory).
-        smoothing: optional feature-smoothing stage between the backbone and the affinity, an
-            ``nn.Module`` called as ``smoothing(features (B, h, w, D), patch_mask (B, h, w),
+        smoothing: the feature-smoothing stage between the backbone and the affinity: a kind
+            of :class:`~clasp_torch.smoothing.FeatureSmoothing` (``"none"``, ``"gaussian"``,
+            ``"bilateral"``, ``"guided"``; with ``smoothing_sigma`` in patches and the edge-aware
+            kinds' ``smoothing_sigma_color`` / ``smoothing_eps``), ``None`` for the preset's
+            (``paper``: none), or any ``nn.Module`` called as ``smoothing(features (B, h, w, D), patch_mask (B, h, w),
             guide)`` returning ``(B, h, w, D)``; ``guide`` is ``None`` unless the module has
             ``needs_guide = True``, then the images area-resized to their patch grids,
             ``(B, 3, h_max, w_max)`` float in [0, 1] (zero padded). ``None`` (default): none.
@@ -294,9 +305,10 @@ class CLASP(nn.Module):
         pretrained: bool = True,
         beta: float = 0.5,
         fixed_k: int | None = None,
-        n_init: int = 10,
-        max_iter: int = 300,
-        tol: float = 1e-4,
+        preset: str = "paper",
+        n_init: int | None = None,
+        max_iter: int | None = None,
+        tol: float | None = None,
         seed: int = 0,
         max_patches: int = DEFAULT_MAX_PATCHES,
         eigen_method: EigenMethod = "auto",
@@ -310,22 +322,30 @@ class CLASP(nn.Module):
         crf_batch_pixels: int = DEFAULT_CRF_BATCH_PIXELS,
         keep_band_labels: bool = False,
         smoothing: str | nn.Module | None = None,
-        smoothing_sigma: float = 1.0,
+        smoothing_sigma: float | None = None,
+        smoothing_sigma_color: float | None = None,
+        smoothing_eps: float | None = None,
     ) -> None:
         super().__init__()
         if smoothing is not None and not isinstance(smoothing, (str, nn.Module)):
             raise ValueError(f"smoothing must be None, a kind name or an nn.Module, got {type(smoothing).__name__}")
+        ps = resolve_preset(preset, n_init=n_init, max_iter=max_iter, tol=tol,
+                            smoothing=smoothing if isinstance(smoothing, str) else None, smoothing_sigma=smoothing_sigma,
+                            smoothing_sigma_color=smoothing_sigma_color, smoothing_eps=smoothing_eps)
         self.settings = CLASPSettings(
-            beta=beta, fixed_k=fixed_k, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, max_patches=max_patches,
+            preset=preset, beta=beta, fixed_k=fixed_k, n_init=ps["n_init"], max_iter=ps["max_iter"], tol=ps["tol"],
+            seed=seed, max_patches=max_patches,
             eigen_method=eigen_method, affinity=affinity, k_selector=k_selector, amp_dtype=amp_dtype,
             max_problems=max_problems, crf_max_pixels=crf_max_pixels, crf_batch_pixels=crf_batch_pixels,
             crf_params=dict(crf_params or {}), keep_band_labels=keep_band_labels,
-            smoothing=smoothing if isinstance(smoothing, str) else "none", smoothing_sigma=smoothing_sigma,
+            smoothing=ps.get("smoothing", "none"), smoothing_sigma=ps.get("smoothing_sigma", 1.0),
+            smoothing_sigma_color=ps.get("smoothing_sigma_color"), smoothing_eps=ps.get("smoothing_eps"),
         )
         st = self.settings
         self.backbone: Backbone = get_backbone(backbone, weights=weights, pretrained=pretrained)
         self.backbone.eval()
-        self.smoothing: nn.Module | None = smoothing if isinstance(smoothing, nn.Module) else _build_smoothing(st)
+        self.smoothing: nn.Module | None = (smoothing if isinstance(smoothing, nn.Module)
+                                            else build_smoothing(st.as_dict()))
         self.embedding = SpectralEmbedding(beta=st.beta, method=st.eigen_method, affinity=st.affinity,  # type: ignore
                                            k_selector=st.k_selector, fixed_k=st.fixed_k)  # type: ignore[arg-type]
         self.clustering = KBandClustering(n_init=st.n_init, max_iter=st.max_iter, tol=st.tol, seed=st.seed,
@@ -517,12 +537,3 @@ def _build_refiner(refiner: str | nn.Module | None, settings: CLASPSettings) -> 
               **dict(settings.crf_params)}
         return CRFRefiner(**kw)
     raise ValueError(f"refiner must be 'crf', None or an nn.Module, got {refiner!r}")
-
-
-def _build_smoothing(settings: CLASPSettings) -> nn.Module | None:
-    """The feature-smoothing stage of the settings (``None`` for ``"none"``)."""
-    if settings.smoothing == "none":
-        return None
-    from .smoothing import FeatureSmoothing
-
-    return FeatureSmoothing(settings.smoothing, settings.smoothing_sigma)

@@ -41,6 +41,7 @@ class CLASPSettings:
     patches; ``crf_params`` is stored as a sorted tuple of ``(name, value)`` pairs.
     """
 
+    preset: str = "paper"
     beta: float = 0.5
     fixed_k: int | None = None
     n_init: int = 10
@@ -59,6 +60,8 @@ class CLASPSettings:
     keep_band_labels: bool = False
     smoothing: str = "none"
     smoothing_sigma: float = 1.0
+    smoothing_sigma_color: float | None = None
+    smoothing_eps: float | None = None
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalised values are stored once, here
@@ -88,6 +91,9 @@ class CLASPSettings:
         put(self, "crf_params", params)
         put(self, "keep_band_labels", bool(self.keep_band_labels))
         check_choice("smoothing", self.smoothing, SMOOTHING_KINDS)
+        for name in ("smoothing_sigma_color", "smoothing_eps"):
+            if getattr(self, name) is not None:
+                put(self, name, check_float(name, getattr(self, name), minimum=0.0, open_interval=True))
         put(self, "smoothing_sigma", check_float("smoothing_sigma", self.smoothing_sigma, minimum=0.0,
                                                  open_interval=True))
 

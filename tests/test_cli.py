@@ -108,3 +108,15 @@ def test_default_batch_size_is_one_on_cpu_and_eight_on_gpu() -> None:
     assert default_batch_size("cpu") == 1
     assert default_batch_size("cuda") == default_batch_size("cuda:1") == 8
     assert default_batch_size("auto") == (8 if torch.cuda.is_available() else 1)
+
+
+def test_preset_flag_reaches_the_model_on_every_command() -> None:
+    from clasp_torch.cli import _build_model, build_parser
+
+    parser = build_parser()
+    for argv in (["segment", "x.jpg", "--out", "o"], ["eval", "--dataset", "ade20k", "--root", "r"], ["demo"]):
+        assert parser.parse_args(argv).preset == "paper"
+        assert parser.parse_args(argv + ["--preset", "fast"]).preset == "fast"
+    args = parser.parse_args(["segment", "x.jpg", "--out", "o", "--backbone", "efficientnet_lite0", "--preset", "best"])
+    model = _build_model(args, None)
+    assert model.settings.preset == "best" and model.smoothing is not None

@@ -36,6 +36,7 @@ def test_clasp_eval_reports_the_metric_of_the_model_outputs(dataset: str, tmp_pa
     res = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert res["images"] == 3
+    assert res["preset"] == "paper" and res["settings"]["n_init"] == 10 and res["settings"]["smoothing"] == "none"
 
     torch.manual_seed(0)
     model = CLASP("efficientnet_lite0").eval()  # what `clasp eval` builds with its defaults
@@ -60,6 +61,7 @@ def test_clasp_eval_reports_the_metric_of_the_model_outputs(dataset: str, tmp_pa
         line = next(ln for ln in printed.splitlines() if ln.startswith(f"{row:<12} "))
         assert line.split()[-4:-2] == [f"{miou:.1f}", f"{acc:.1f}"], line
     assert res["mean_k"] == pytest.approx(float(np.mean(ks)))
+    assert "settings (preset 'paper'): preset=paper, n_init=10, max_iter=300" in printed
 
 
 @pytest.mark.slow

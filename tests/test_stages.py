@@ -108,3 +108,26 @@ def test_settings_are_validated_once_and_exposed() -> None:
                        ({"smoothing": "median"}, "smoothing"), ({"beta": 1.0}, "beta")):
         with pytest.raises(ValueError, match=match):
             CLASPSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_clasp_presets_resolve_and_keywords_override() -> None:
+    from clasp_torch.presets import PRESETS
+    from clasp_torch.smoothing import FeatureSmoothing
+
+    paper = CLASP(PatchMeanBackbone(), refiner=None)
+    assert paper.settings == CLASPSettings() and paper.smoothing is None  # the default changes nothing
+    for name, values in PRESETS.items():
+        m = CLASP(PatchMeanBackbone(), refiner=None, preset=name)
+        assert m.settings.preset == name
+        for key in ("n_init", "max_iter", "tol"):
+            assert getattr(m.settings, key) == values[key] == getattr(m.clustering, key), (name, key)
+        kind = values.get("smoothing", "none")
+        assert (m.smoothing is None) == (kind == "none")
+        if kind != "none":
+            assert isinstance(m.smoothing, FeatureSmoothing) and m.smoothing.kind == kind
+    over = CLASP(PatchMeanBackbone(), refiner=None, preset="best", n_init=2, smoothing="none")
+    assert over.settings.n_init == 2 and over.clustering.n_init == 2 and over.smoothing is None
+    sig = CLASP(PatchMeanBackbone(), refiner=None, preset="paper", smoothing="gaussian", smoothing_sigma=0.5)
+    assert isinstance(sig.smoothing, FeatureSmoothing) and sig.smoothing.sigma == 0.5
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        CLASP(PatchMeanBackbone(), preset="nope")
