@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Hashable, Literal, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -401,8 +402,10 @@ def crf_refine_labels_bounded(
     Returns:
         ``(B, H, W)`` int64 labels, ``-1`` outside ``mask``.
     """
-    if images.dim() != 4 or labels.dim() != 3 or images.shape[0] != labels.shape[0] or images.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(f"images (B, 3, H, W) and labels (B, H, W) expected, got {tuple(images.shape)} and {tuple(labels.shape)}")
+    if (images.dim() != 4 or labels.dim() != 3 or images.shape[0] != labels.shape[0]
+            or images.shape[-2:] != labels.shape[-2:]):
+        raise ValueError(f"images (B, 3, H, W) and labels (B, H, W) expected, got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
     if upsample not in ("marginals", "nearest"):
         raise ValueError(f"upsample must be 'marginals' or 'nearest', got {upsample!r}")
     B, _, Hm, Wm = (int(s) for s in images.shape)

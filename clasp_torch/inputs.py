@@ -24,9 +24,9 @@ relative paths are relative to the list file's folder. Entries may be images or 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
 
 __all__ = [
     "SHARD_EXTENSIONS",
@@ -244,7 +244,8 @@ def plan_inputs(
             anchors.append(os.path.dirname(path))
             items.append((given, path, _kind(given)))
         elif os.path.isdir(path):
-            plan.missing.append({"path": given, "error": "a folder named in a list file: list its files, or give the folder on the command line"})
+            plan.missing.append({"path": given, "error": "a folder named in a list file: list its files, "
+                                                          "or give the folder on the command line"})
         else:
             plan.missing.append({"path": given, "error": "no such file or folder"})
     seen: set[str] = set()

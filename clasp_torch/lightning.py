@@ -14,7 +14,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -104,7 +105,7 @@ class CLASPPredictor(pl.LightningModule):
             from .sources import decode_batch
 
             todo = [i for i, im in enumerate(images) if im is None]
-            dec = decode_batch([batch["encoded"][i] for i in todo], [meta[i]["path"] for i in todo], self.model._device())
+            dec = decode_batch([batch["encoded"][i] for i in todo], [meta[i]["path"] for i in todo], self.model.device)
             for i, d in zip(todo, dec):
                 images[i] = d if isinstance(d, Tensor) else None
                 if not isinstance(d, Tensor):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,7 @@ class CLASPOutput:
         h, w = (int(v) for v in self.grid_sizes[i])
         return self.patch_labels[i, :h, :w]
 
-    def to(self, device: torch.device | str) -> "CLASPOutput":
+    def to(self, device: torch.device | str) -> CLASPOutput:
         """Move every tensor to ``device``."""
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for k_, v in kw.items():
@@ -330,7 +331,8 @@ class CLASP(nn.Module):
         if smoothing is not None and not isinstance(smoothing, (str, nn.Module)):
             raise ValueError(f"smoothing must be None, a kind name or an nn.Module, got {type(smoothing).__name__}")
         ps = resolve_preset(preset, n_init=n_init, max_iter=max_iter, tol=tol,
-                            smoothing=smoothing if isinstance(smoothing, str) else None, smoothing_sigma=smoothing_sigma,
+                            smoothing=smoothing if isinstance(smoothing, str) else None,
+                            smoothing_sigma=smoothing_sigma,
                             smoothing_sigma_color=smoothing_sigma_color, smoothing_eps=smoothing_eps)
         self.settings = CLASPSettings(
             preset=preset, beta=beta, fixed_k=fixed_k, n_init=ps["n_init"], max_iter=ps["max_iter"], tol=ps["tol"],
@@ -367,6 +369,11 @@ class CLASP(nn.Module):
     keep_band_labels = _setting("keep_band_labels")
 
     # ------------------------------------------------------------------ stages
+    @property
+    def device(self) -> torch.device:
+        """The device of the backbone's parameters (CPU for a parameterless backbone)."""
+        return self._device()
+
     def _device(self) -> torch.device:
         for t in self.backbone.parameters():
             return t.device
@@ -395,7 +402,8 @@ class CLASP(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(prepped):
             groups.setdefault((int(x.shape[-2]), int(x.shape[-1])), []).append(i)
-        grids = torch.tensor([[int(x.shape[-2]) // p, int(x.shape[-1]) // p] for x in prepped], dtype=torch.long, device="cpu")
+        grids = torch.tensor([[int(x.shape[-2]) // p, int(x.shape[-1]) // p] for x in prepped], dtype=torch.long,
+                             device="cpu")
         hm, wm = int(grids[:, 0].max()), int(grids[:, 1].max())
         feats: Tensor | None = None
         amp = (
@@ -482,7 +490,8 @@ class CLASP(nn.Module):
     def forward(self, images: ImagesLike) -> CLASPOutput:
         """Segment a batch of images; see the class docstring for shapes."""
         imgs = [im.to(self._device()) for im in images_to_list(images)]
-        image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long, device="cpu")
+        image_sizes = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in imgs], dtype=torch.long,
+                                   device="cpu")
         feats, pmask, grids = self.extract_features(imgs)
         padded, imask = pad_images([to_uint8(im) for im in imgs])
         # A uniform image (one colour, up to UNIFORM_TOLERANCE grey levels) is one segment;

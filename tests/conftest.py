@@ -158,7 +158,8 @@ def load_labelled_pair(root: Path, stem: str) -> tuple[torch.Tensor, np.ndarray]
     return torch.from_numpy(img).permute(2, 0, 1).contiguous(), gt
 
 
-def per_image_matching_scores(pairs: list[tuple[np.ndarray, np.ndarray]], ignore: tuple[int, ...]) -> tuple[float, float]:
+def per_image_matching_scores(pairs: list[tuple[np.ndarray, np.ndarray]],
+                              ignore: tuple[int, ...]) -> tuple[float, float]:
     """mIoU and pixel accuracy (%) of ``(prediction, ground truth)`` pairs under README's
     per-image matching protocol, written from that text with numpy and
     ``scipy.optimize.linear_sum_assignment`` only (no ``clasp_torch``).

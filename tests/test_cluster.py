@@ -8,7 +8,15 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score as sk_silhouette
 
-from clasp_torch.cluster import ClusterPolicy, best_in_band, hash_uniform, kmeans, select_k, silhouette_samples, silhouette_score
+from clasp_torch.cluster import (
+    ClusterPolicy,
+    best_in_band,
+    hash_uniform,
+    kmeans,
+    select_k,
+    silhouette_samples,
+    silhouette_score,
+)
 from clasp_torch.spectral import eigengap_elbow, k_band, spectral_decomposition
 
 
@@ -331,7 +339,7 @@ def test_select_k_batch_with_very_different_bands_equals_single_images() -> None
     GEMM; every image still gets exactly its own single-image labels and silhouettes."""
     from clasp_torch.cluster.layout import KGroups
 
-    feats, masks = [], []
+    feats = []
     for i, (n, k) in enumerate([(90, 2), (120, 7), (60, 3), (150, 9)]):
         x = torch.from_numpy(_blobs(n, k, 8, 10 + i, spread=0.5)).float()
         feats.append(x)

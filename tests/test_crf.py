@@ -150,7 +150,8 @@ def test_agreement_real_images() -> None:
         Qt = _torch_q(img, lab, K)
         agree = float((Qt.argmax(0) == Qr.argmax(0)).mean())
         dq = float(np.abs(Qt - Qr).max())
-        print(f"{os.path.basename(f)} {img.shape[1]}x{img.shape[0]} K={K}: label agreement {agree:.6f}, max|dQ| {dq:.2e}")
+        print(f"{os.path.basename(f)} {img.shape[1]}x{img.shape[0]} K={K}: label agreement {agree:.6f}, "
+              f"max|dQ| {dq:.2e}")
         assert agree >= 0.999, (f, agree)
         assert dq <= 1e-4, (f, dq)
 

@@ -42,7 +42,8 @@ def _coarse_labels(coco_dir, name: str, crop: tuple[int, int]) -> tuple[torch.Te
     from PIL import Image
 
     img = load_rgb(coco_dir / "images" / name)[:, : crop[0], : crop[1]].contiguous()
-    gt = np.asarray(Image.open(coco_dir / "labels" / name.replace(".jpg", ".png")), dtype=np.int64)[: crop[0], : crop[1]]
+    gt = np.asarray(Image.open(coco_dir / "labels" / name.replace(".jpg", ".png")), dtype=np.int64)
+    gt = gt[: crop[0], : crop[1]]
     H, W = gt.shape
     cells = gt[8::16, 8::16]
     blocky = np.repeat(np.repeat(cells, 16, 0), 16, 1)[:H, :W]

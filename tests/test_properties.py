@@ -198,16 +198,19 @@ def test_functional_path_never_nan(specs: list[tuple]) -> None:
             assert torch.all(lab == 0)
 
 
+Z5, M5 = torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool)
+
+
 @pytest.mark.parametrize(
     "call, name",
     [
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([2]), torch.tensor([9])), "k_hi"),
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([0]), torch.tensor([3])), "k_lo"),
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([2.0]), torch.tensor([3])), "k_lo"),
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]), torch.tensor([3])), "mask"),
-        (lambda: select_k(torch.zeros(5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([2]), torch.tensor([3])), "embedding"),
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([2]), torch.tensor([3]), seed=0.5), "seed"),
-        (lambda: select_k(torch.zeros(1, 5, 3), torch.ones(1, 5, dtype=torch.bool), torch.tensor([2]), torch.tensor([3]), n_init=0), "n_init"),
+        (lambda: select_k(Z5, M5, torch.tensor([2]), torch.tensor([9])), "k_hi"),
+        (lambda: select_k(Z5, M5, torch.tensor([0]), torch.tensor([3])), "k_lo"),
+        (lambda: select_k(Z5, M5, torch.tensor([2.0]), torch.tensor([3])), "k_lo"),
+        (lambda: select_k(Z5, torch.ones(1, 4, dtype=torch.bool), torch.tensor([2]), torch.tensor([3])), "mask"),
+        (lambda: select_k(torch.zeros(5, 3), M5, torch.tensor([2]), torch.tensor([3])), "embedding"),
+        (lambda: select_k(Z5, M5, torch.tensor([2]), torch.tensor([3]), seed=0.5), "seed"),
+        (lambda: select_k(Z5, M5, torch.tensor([2]), torch.tensor([3]), n_init=0), "n_init"),
         (lambda: kmeans(torch.zeros(1, 5, 3), torch.tensor([2]), seed="a"), "seed"),
         (lambda: kmeans(torch.zeros(1, 5, 3), torch.tensor([2]), max_iter=0), "max_iter"),
         (lambda: kmeans(torch.zeros(1, 5, 3), torch.tensor([2]), tol=-1.0), "tol"),
@@ -228,7 +231,8 @@ def test_functional_path_never_nan(specs: list[tuple]) -> None:
         (lambda: CLASP(_Backbone(), affinity="dot"), "affinity"),
         (lambda: MODEL.cluster_features(torch.zeros(1, 2, 2, 3), torch.zeros(1, 2, 2, dtype=torch.bool)), "patch"),
         (lambda: MODEL.cluster_features(torch.zeros(1, 4, 3), torch.ones(1, 4, dtype=torch.bool)), "feats"),
-        (lambda: MODEL.cluster_features(torch.full((1, 2, 2, 3), float("inf")), torch.ones(1, 2, 2, dtype=torch.bool)), "NaN or Inf"),
+        (lambda: MODEL.cluster_features(torch.full((1, 2, 2, 3), float("inf")), torch.ones(1, 2, 2, dtype=torch.bool)),
+         "NaN or Inf"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_them(call, name: str) -> None:

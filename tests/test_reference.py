@@ -1,7 +1,11 @@
 import numpy as np
 
 from benchmarks.reference import (
-    eigengap_elbow, hungarian_miou_stats, k_band, pixel_labels, reference_clasp,
+    eigengap_elbow,
+    hungarian_miou_stats,
+    k_band,
+    pixel_labels,
+    reference_clasp,
 )
 
 

@@ -12,7 +12,6 @@ from clasp_torch.crf_resolution import CRFRefiner, crf_refine_labels_bounded
 from clasp_torch.embedding import SpectralEmbedding, spectral_embedding
 from clasp_torch.pipeline import CLASP
 from clasp_torch.settings import CLASPSettings
-
 from tests.conftest import PatchMeanBackbone, toy_image
 
 

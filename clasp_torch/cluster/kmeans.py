@@ -86,7 +86,8 @@ def kmeans(
     used = (x != 0).any(1)  # (P, d)
     dims = (used.long() * torch.arange(1, d + 1, device=dev)).amax(-1).clamp_min(1)
     tol_p = tol * dims.double() / d
-    return kmeans_problems(x, point_mask, torch.arange(P, device=dev), dims, k, n_init, max_iter, tol_p, seed, check_every)
+    return kmeans_problems(x, point_mask, torch.arange(P, device=dev), dims, k, n_init, max_iter, tol_p, seed,
+                           check_every)
 
 
 def _check_k(k: Tensor, P: int, dev: torch.device) -> Tensor:

@@ -201,7 +201,8 @@ class KGroups:
                 xg, tg = xT[:, :dg], tie[0]
             else:  # the points (and ties) of each row's image, gathered once per grouping
                 if gi not in self._rows:
-                    self._rows[gi] = (xT[:, :dg].index_select(0, layout.row_img), tie[0].index_select(0, layout.row_img))
+                    self._rows[gi] = (xT[:, :dg].index_select(0, layout.row_img),
+                                      tie[0].index_select(0, layout.row_img))
                 xg, tg = self._rows[gi]
             code, m = nearest_code(cen[s:e, :cm, :dg], pad, layout, xg, tg, tie[1], bufs, with_min)
             torch.sub(cm, code, out=lab[s:e])

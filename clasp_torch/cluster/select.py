@@ -95,7 +95,8 @@ def select_k(
     labels_out[mask] = 0
     if kmax_all < kmin_all:
         return ClusterSelection(labels_out, torch.ones(B, dtype=torch.long, device=dev),
-                                torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(B, 0, dtype=dtype, device=dev),
+                                torch.zeros(0, dtype=torch.long, device=dev),
+                                torch.zeros(B, 0, dtype=dtype, device=dev),
                                 labels_out.new_full((B, 0, N), -1) if keep_band else None)
     k_values = torch.arange(kmin_all, kmax_all + 1, device=dev)
     Kc = k_values.numel()
@@ -128,7 +129,7 @@ def _check_band(embedding: Tensor, mask: Tensor, k_lo: Tensor, k_hi: Tensor) -> 
     """Validated ``(mask (B, N) bool, k_lo (B,) int64, k_hi (B,) int64)`` of :func:`select_k`."""
     dims = check_shape(embedding, "B N M", "embedding")
     check_floating("embedding", embedding)
-    B, N, dev = dims["B"], dims["N"], embedding.device
+    B, dev = dims["B"], embedding.device
     check_shape(mask, "B N", "mask", sizes=dims)
     mask = mask.to(device=dev, dtype=torch.bool)
     n = mask.sum(-1)

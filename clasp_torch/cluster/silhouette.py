@@ -44,7 +44,10 @@ def silhouette_samples(
     point_mask = check_bool_mask("point_mask", labels >= 0 if point_mask is None else point_mask, (P, N), dev)
     if bool((labels[point_mask] < 0).any()):
         raise ValueError("labels must be >= 0 on every real point (point_mask)")
-    C = (int(labels.max()) + 1 if labels.numel() else 1) if n_clusters is None else check_int("n_clusters", n_clusters, 1)
+    if n_clusters is None:
+        C = int(labels.max()) + 1 if labels.numel() else 1
+    else:
+        C = check_int("n_clusters", n_clusters, 1)
     if labels.numel() and int(labels.max()) >= C:
         raise ValueError(f"labels must lie in [0, n_clusters) = [0, {C}), got max {int(labels.max())}")
     if P == 0 or N == 0:
@@ -98,7 +101,8 @@ def silhouette_problems(xi: Tensor, pmask: Tensor, img: Tensor, dims: Tensor, la
                 sel = ar_p[in_chunk & (dims == K)]
                 if sel.numel() == 0:
                     continue
-                out[sel, r0:r1] = _silhouette_block(d2, diff, img[sel] - b0, lab[sel], counts[sel], pm_p[sel], C, r0, r1)
+                out[sel, r0:r1] = _silhouette_block(d2, diff, img[sel] - b0, lab[sel], counts[sel], pm_p[sel], C,
+                                                    r0, r1)
     return out
 
 

@@ -212,7 +212,8 @@ def _vertex_keys(held: list[Tensor], batch_index: Tensor | None, device: torch.d
 
 
 def _unique_vertices(keys: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One sort of the packed keys (``[keys]`` from :func:`_vertex_keys`, emptied here): ``(offsets (E,) vertex of each entry, perm (E,) entries in
+    """One sort of the packed keys (``[keys]`` from :func:`_vertex_keys`, emptied here):
+    ``(offsets (E,) vertex of each entry, perm (E,) entries in
     vertex order, bounds (M+1,) start of each vertex's run, uniq (M,) the sorted keys)``."""
     packed = keys.pop()
     sorted_keys, perm = torch.sort(packed, stable=True)  # equal keys keep point order: chunking-independent
@@ -225,7 +226,6 @@ def _unique_vertices(keys: list[Tensor], device: torch.device) -> tuple[Tensor, 
     starts = is_new.nonzero().squeeze(1)
     uniq = sorted_keys.index_select(0, starts).to(torch.int64)
     del sorted_keys
-    M = int(uniq.numel())
     offsets = torch.empty(E, dtype=torch.int64, device=device)
     offsets.scatter_(0, perm, vid_sorted)
     del vid_sorted, is_new
