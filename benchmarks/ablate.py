@@ -16,10 +16,11 @@ Stages, in order (each result is cached in the JSON; rerun the same command to r
 
 1. ``sweep`` (patch variant): paper (no smoothing) and every smoothing kind (gaussian, joint
    bilateral, guided) x sigma in {0.5, 0.75, 1, 1.25, 1.5, 2} patches, each with k-means
-   ``n_init`` in {1, 3, 10}; plus the edge-aware kinds' second parameter at sigma 1 (bilateral
-   colour scale 0.05 / 0.2 besides 0.1, guided eps 0.001 / 0.1 besides 0.01).
-2. ``fast`` (patch): no smoothing and the best sweep smoothing, ``n_init`` in {1, 3}, ``max_iter``
-   in {300, 100, 50, 20, 10, 5}.
+   ``n_init`` in {1, 3, 10} (default second parameters: bilateral colour scale 0.1, guided eps
+   0.01); plus the edge-aware kinds' second parameter (colour scale 0.05 / 0.2, eps 0.001 / 0.1)
+   at sigma in {0.5, 1, 1.5, 2}, each with the same three ``n_init``.
+2. ``fast`` (patch): no smoothing, the best sweep smoothing and the best Gaussian one (the cheapest
+   kind), ``n_init`` in {1, 3}, ``max_iter`` in {300, 100, 50, 20, 10, 5}.
 3. ``crf``: the CRF variant (~1-1.5 s per image here, so not for every setting) of paper, of the
    top ``--crf-candidates`` patch candidates (distinct smoothings) and of ``fast``.
 4. ``final``: paper, best and fast once more, image by image interleaved with the literal
@@ -57,6 +58,7 @@ N_INITS = (1, 3, 10)
 FAST_N_INITS = (1, 3)
 FAST_MAX_ITERS = (300, 100, 50, 20, 10, 5)
 EDGE_PARAMS = (("bilateral", "smoothing_sigma_color", (0.05, 0.2)), ("guided", "smoothing_eps", (0.001, 0.1)))
+EDGE_SIGMAS = (0.5, 1.0, 1.5, 2.0)
 FAST_MIOU_SLACK = 0.3
 BEST_CRF_TRIES = 6
 EXIT_BUDGET = 3
@@ -96,7 +98,9 @@ def sweep_settings() -> list[dict[str, Any]]:
         for sigma in SIGMAS:
             out += [settings_of({"smoothing": kind, "smoothing_sigma": sigma}, n_init=n) for n in N_INITS]
     for kind, param, values in EDGE_PARAMS:
-        out += [settings_of({"smoothing": kind, "smoothing_sigma": 1.0, param: v}) for v in values]
+        for sigma in EDGE_SIGMAS:
+            out += [settings_of({"smoothing": kind, "smoothing_sigma": sigma, param: v}, n_init=n)
+                    for v in values for n in N_INITS]
     return out
 
 
@@ -260,8 +264,14 @@ def choose_best(res: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def fast_settings(res: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """No smoothing, best's smoothing and the best Gaussian one (the cheapest kind), each with
+    ``FAST_N_INITS`` x ``FAST_MAX_ITERS``."""
     best = choose_best(res)
-    smooths = [{}] + ([smoothing_part(best)] if best is not None and smoothing_part(best) else [])
+    gauss = next((s for _, s in patch_candidates(res) if s.get("smoothing") == "gaussian"), None)
+    smooths = [{}]
+    for s in (best, gauss):
+        if s is not None and smoothing_part(s) and smoothing_part(s) not in smooths:
+            smooths.append(smoothing_part(s))
     return [settings_of(sm, n_init=n, max_iter=m) for sm in smooths for n in FAST_N_INITS for m in FAST_MAX_ITERS]
 
 
@@ -391,10 +401,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(res: dict[str, Any]) -> str:
-    """Markdown table of paper / best / fast, both sets, patch and CRF."""
-    head = ("| preset | variant | dataset | mIoU | pixel acc. | mean K | K agreement | ms/img (forward) | "
-            "ms/img spectral+clustering | literal ref. ms | ref. / ours |")
-    lines = [head, "|" + " --- |" * 11]
+    """Markdown table of paper / best / fast, both sets, patch and CRF. Patch times come from the
+    ``final`` stage (one run with the reference), CRF times from the CRF run; the backbone
+    (cached) adds ``backbone_ms`` per image to every row."""
+    head = ("| preset | variant | dataset | mIoU | pixel acc. | mean K | K agreement | ms/img forward | "
+            "ms/img with backbone | ms/img spectral+clustering | literal ref. ms | ref. / ours |")
+    lines = [head, "|" + " --- |" * 12]
     for name, s in res["selection"].items():
         for variant in ("patch", "crf"):
             for ds in DATASET_DIRS:
@@ -402,10 +414,11 @@ def summary(res: dict[str, Any]) -> str:
                 if r is None:
                     continue
                 f = res["final"][ds]["presets"][name]
+                fwd = f["ms_forward"] if variant == "patch" else r["ms_forward"]
                 lines.append(f"| {name} | {variant} | {ds} | {r['miou']:.2f} | {r['pixel_accuracy']:.2f} | "
-                             f"{r['mean_k']:.2f} | {100 * f['k_agreement']:.0f} % | {r['ms_forward']:.0f} | "
-                             f"{f['ms_cluster']:.0f} | {f['reference_ms_spectral_cluster']:.0f} | "
-                             f"{f['reference_over_ours']:.1f}x |")
+                             f"{r['mean_k']:.2f} | {100 * f['k_agreement']:.0f} % | {fwd:.0f} | "
+                             f"{fwd + res['backbone_ms'][ds]:.0f} | {f['ms_cluster']:.0f} | "
+                             f"{f['reference_ms_spectral_cluster']:.0f} | {f['reference_over_ours']:.1f}x |")
     lines += [""] + [f"- `{name}`: `{key_of(s)}`" for name, s in res["selection"].items()]
     return "\n".join(lines)
 

@@ -22,9 +22,13 @@ the mean over the two sets (``benchmarks/out/ablate.json``, ``benchmarks/RESULTS
 
 * ``paper``: the paper's pipeline (CLASP's defaults): no smoothing, k-means ``n_init=10``,
   ``max_iter=300``, ``tol=1e-4``.
-* ``best``: the best mean patch mIoU with pixel accuracy not below ``paper``'s on either set.
+* ``best``: the best mean patch mIoU with pixel accuracy not below ``paper``'s on either set (and a
+  CRF variant better than ``paper``'s): the guided filter of the image (``sigma`` 1, i.e. a 5x5
+  patch window, ``eps`` 1e-3) with ``paper``'s k-means. Patch mIoU / pixel accuracy 29.4 / 60.1
+  (COCO) and 17.7 / 55.4 (ADE20K) against ``paper``'s 23.5 / 50.8 and 13.8 / 46.6.
 * ``fast``: the least patch-variant time (smoothing + spectral + clustering) within 0.3 mIoU of
-  ``paper`` on both sets.
+  ``paper`` on both sets: Gaussian smoothing (``sigma`` 1.25) with one k-means restart of at most
+  5 iterations; mIoU 27.4 / 15.7, spectral + clustering 3.3-3.9x faster than ``paper``'s.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ SMOOTHING_KEYS: tuple[str, ...] = ("smoothing", "smoothing_sigma", "smoothing_si
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "none"},
-    "best": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "gaussian", "smoothing_sigma": 1.0},
-    "fast": {"n_init": 1, "max_iter": 300, "tol": 1e-4, "smoothing": "none"},
+    "best": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "guided", "smoothing_sigma": 1.0,
+             "smoothing_eps": 0.001},
+    "fast": {"n_init": 1, "max_iter": 5, "tol": 1e-4, "smoothing": "gaussian", "smoothing_sigma": 1.25},
 }
 """Preset name -> settings (see the module docstring for the keys and how the values were chosen)."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import inspect
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ from tests.conftest import PatchMeanBackbone, toy_image
 # the values documented in the module docstring and benchmarks/RESULTS.md (chosen by benchmarks.ablate)
 DOCUMENTED = {
     "paper": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "none"},
-    "best": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "gaussian", "smoothing_sigma": 1.0},
-    "fast": {"n_init": 1, "max_iter": 300, "tol": 1e-4, "smoothing": "none"},
+    "best": {"n_init": 10, "max_iter": 300, "tol": 1e-4, "smoothing": "guided", "smoothing_sigma": 1.0,
+             "smoothing_eps": 0.001},
+    "fast": {"n_init": 1, "max_iter": 5, "tol": 1e-4, "smoothing": "gaussian", "smoothing_sigma": 1.25},
 }
 
 
@@ -44,18 +44,21 @@ def test_unknown_preset_lists_the_names() -> None:
 
 
 def test_paper_equals_clasp_defaults() -> None:
-    defaults = {k: p.default for k, p in inspect.signature(CLASP.__init__).parameters.items()}
+    default = CLASP(PatchMeanBackbone(), refiner=None)
     kw = clasp_kwargs(resolve_preset("paper"))
-    assert kw == {k: defaults[k] for k in kw}
+    assert {k: getattr(default, k) for k in kw} == kw  # n_init, max_iter, tol, smoothing (None)
     imgs = [toy_image(96, 128, 0), toy_image(70, 50, 1)]
-    plain = CLASP(PatchMeanBackbone(), refiner=None)(imgs)
+    plain = default(imgs)
     paper = CLASP(PatchMeanBackbone(), refiner=None, **kw)(imgs)
     assert torch.equal(plain.labels, paper.labels) and torch.equal(plain.k, paper.k)
 
 
 def test_build_smoothing() -> None:
     sm = build_smoothing(resolve_preset("best"))
-    assert isinstance(sm, FeatureSmoothing) and (sm.kind, sm.sigma) == ("gaussian", 1.0)
+    assert isinstance(sm, FeatureSmoothing) and (sm.kind, sm.sigma, sm.eps) == ("guided", 1.0, 0.001)
+    assert sm.needs_guide
+    sm = build_smoothing(resolve_preset("fast"))
+    assert isinstance(sm, FeatureSmoothing) and (sm.kind, sm.sigma) == ("gaussian", 1.25)
     assert build_smoothing({}) is None
     sm = build_smoothing({"smoothing": "bilateral", "smoothing_sigma": 0.75, "smoothing_sigma_color": 0.2})
     assert isinstance(sm, FeatureSmoothing) and sm.needs_guide and sm.sigma_color == 0.2
