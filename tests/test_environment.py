@@ -29,6 +29,7 @@ MODULES = {
     "pycocotools": ["pycocotools.mask"],
     "pyarrow": ["pyarrow", "pyarrow.parquet"],
     "psutil": ["psutil"],
+    "ruff": ["ruff"],  # the linter .ci/run calls (a command; its package imports)
 }
 
 
