@@ -130,9 +130,9 @@ class CLASP(nn.Module):
             feature smoothing, sigma 1 patch, eps 1e-3: the best mean patch mIoU on the two dev
             sets with the stand-in backbone) or ``"fast"`` (Gaussian smoothing, sigma 1.25, with
             one k-means restart of at most 5 iterations: within 0.3 mIoU of ``paper`` on both dev
-            sets, 3-4x less spectral+clustering time; ``benchmarks/RESULTS.md`` section 10). An explicit keyword argument below
-            (``n_init``, ``max_iter``, ``tol``, ``smoothing``, ``smoothing_sigma``, ...) wins
-            over the preset's value; ``None`` keeps it.
+            sets, 3-4x less spectral+clustering time; ``benchmarks/RESULTS.md`` section 10). An
+            explicit keyword argument below (``n_init``, ``max_iter``, ``tol``, ``smoothing``,
+            ``smoothing_sigma``, ...) wins over the preset's value; ``None`` keeps it.
         n_init, max_iter, tol, seed: k-means settings (restarts run as a batch dimension);
             ``None``: the preset's (``paper``: 10, 300, 1e-4).
         max_patches: cap on patches per image (aspect kept; default 2500).

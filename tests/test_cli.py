@@ -99,7 +99,8 @@ def test_ddp_two_processes_write_each_image_exactly_once(tmp_path: Path) -> None
 
     recs = read_logs(out)
     assert len(recs) == 37 and len({r["index"] for r in recs}) == 37  # no duplicates across ranks
-    assert {Path(p).name for p in out.glob(".clasp_log.rank*.jsonl")} == {".clasp_log.rank0.jsonl", ".clasp_log.rank1.jsonl"}
+    logs = {Path(p).name for p in out.glob(".clasp_log.rank*.jsonl")}
+    assert logs == {".clasp_log.rank0.jsonl", ".clasp_log.rank1.jsonl"}
 
 
 def test_default_batch_size_is_one_on_cpu_and_eight_on_gpu() -> None:
