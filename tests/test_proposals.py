@@ -193,7 +193,8 @@ def test_coco_rle_missing_pycocotools(batch, monkeypatch: pytest.MonkeyPatch) ->
         to_coco_rle(batch[1], image_ids=[0, 1])
 
 
-def _random_core_inputs(seed: int, B: int = 2, H: int = 40, W: int = 56, h: int = 5, w: int = 7, D: int = 6, S: int = 4):
+def _random_core_inputs(seed: int, B: int = 2, H: int = 40, W: int = 56, h: int = 5, w: int = 7, D: int = 6,
+                        S: int = 4):
     g = torch.Generator().manual_seed(seed)
     lab = torch.randint(-1, S, (B, H, W), generator=g)
     pl = torch.randint(-1, S, (B, h, w), generator=g)
@@ -241,7 +242,8 @@ def test_compile_aot_eager_fullgraph_matches_eager() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CLASP_TEST_INDUCTOR"), reason="inductor compile takes ~45 s on CPU; set CLASP_TEST_INDUCTOR=1")
+@pytest.mark.skipif(not os.environ.get("CLASP_TEST_INDUCTOR"),
+                    reason="inductor compile takes ~45 s on CPU; set CLASP_TEST_INDUCTOR=1")
 def test_compile_inductor_matches_eager(batch) -> None:
     out, p = batch
     pc = region_proposals(out, compile=True)
