@@ -99,6 +99,12 @@ class StubCLASP(nn.Module):
         self.max_patches = 2500
         self._cache: dict[tuple[int, int], Tensor] = {}
 
+    def warm(self, paths: list[str]) -> None:
+        """Compute the labels of every image size in ``paths`` now, so that ``forward`` takes
+        constant time during a timed run."""
+        for p in paths:
+            self._labels(decode_image(Path(p).read_bytes(), p))
+
     def _device(self) -> torch.device:
         return torch.device("cpu")
 
@@ -213,16 +219,41 @@ class _Clock:
         self.n_first = 0
 
 
+def _loading(setting: str) -> dict[str, Any]:
+    """SegmentConfig fields of a setting: ``before`` (0 workers, synchronous writer, CPython's
+    switch interval), ``after`` (the defaults), or ``after`` changed by ``_``-joined tokens:
+    ``procN`` (N DataLoader worker processes), ``threadsN`` (no worker process, N decode
+    threads), ``wN`` (N writer threads), ``swN`` (GIL switch interval N microseconds)."""
+    if setting == "before":
+        return {"num_workers": 0, "writer_threads": 0, "switch_interval": None}
+    cfg: dict[str, Any] = {"num_workers": "auto"}
+    for tok in setting.split("_"):
+        if tok == "after":
+            continue
+        if tok.startswith("proc"):
+            cfg.update(num_workers=int(tok[4:]), decode_threads=None)
+        elif tok.startswith("threads"):
+            cfg.update(num_workers=0, decode_threads=int(tok[7:]))
+        elif tok.startswith("sw"):
+            cfg["switch_interval"] = float(tok[2:]) * 1e-6
+        elif tok.startswith("w"):
+            cfg["writer_threads"] = int(tok[1:])
+        else:
+            raise ValueError(f"unknown setting {setting!r}")
+    return cfg
+
+
 def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> float:
     """Sustained images/s of one configuration (see the module docstring)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = SegmentConfig(
             inputs=inputs, out=out, format="parquet" if fmt == "parquet" else "png", overlays=fmt == "png",
-            batch_size=batch_size, progress=False,
-            num_workers=0 if setting == "before" else "auto", writer_threads=0 if setting == "before" else None,
+            batch_size=batch_size, progress=False, **_loading(setting),
         )
         clock = _Clock()
-        run = build_segment_run(cfg, StubCLASP(sleep_s))
+        stub = StubCLASP(sleep_s)
+        stub.warm(sorted(set(os.path.realpath(p) for p in inputs)))
+        run = build_segment_run(cfg, stub)
         if setting == "before":
             old = run.data.files
             run.data.files = LegacyFileSource(old.files, old.part_size, old.part_offset)

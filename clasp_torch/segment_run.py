@@ -3,8 +3,8 @@
 The CLI and ``benchmarks/io.py`` both build their runs with :func:`build_segment_run`, so the
 benchmark measures the real code path (with a stub model in place of CLASP).
 
-* Host work runs off the predict loop: decoding in DataLoader workers (``num_workers="auto"``:
-  ``min(8, usable CPUs - 1)``, 0 only with one CPU), ``pin_memory`` on CUDA, prefetching; encoding
+* Host work runs off the predict loop: decoding in DataLoader workers or threads
+  (``num_workers="auto"``, :func:`default_loading`), ``pin_memory`` on CUDA, prefetching; encoding
   and writing in the writer's bounded thread pool (:mod:`clasp_torch.writers`).
 * Under DDP every process reads a disjoint part of the inputs: files round-robin (whole Parquet
   parts in ``parquet`` format), tar shards by ``shard % (processes * workers)``; the split is
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
@@ -30,22 +31,45 @@ from .data import collate_images
 from .inputs import InputPlan, plan_inputs
 from .io import part_path
 from .lightning import CLASPPredictor
-from .sources import FileSource, RankSampler, ShardSource, file_done
+from .sources import FileSource, RankSampler, ShardSource, ThreadedFiles, file_done
 from .writers import SegmentationWriter
 
-__all__ = ["SegmentConfig", "SegmentRun", "build_segment_run", "default_num_workers", "TMP_PATTERNS"]
+__all__ = ["SegmentConfig", "SegmentRun", "build_segment_run", "default_num_workers", "default_loading", "TMP_PATTERNS"]
 
 TMP_PATTERNS = (".*.png.*.tmp", ".*.jpg.*.tmp", ".*.json.*.tmp", ".*.parquet.*.tmp")
 """Temporaries of a run killed hard (SIGKILL); ``--resume`` removes them."""
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """``min(8, usable CPUs - 1)``; 0 with a single CPU."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        n = os.cpu_count() or 1
-    return max(0, min(8, n - 1))
+    return max(0, min(8, _usable_cpus() - 1))
+
+
+DECODE_THREADS_SMALL_HOST = 2
+"""Decode threads of ``--num-workers auto`` on a host with at most two usable CPUs."""
+
+
+def default_loading() -> tuple[int, int]:
+    """``(worker processes, decode threads)`` of ``num_workers="auto"``.
+
+    With more than two usable CPUs: :func:`default_num_workers` DataLoader processes, no
+    threads. With one or two: no worker process and :data:`DECODE_THREADS_SMALL_HOST` decode
+    threads in the main process (:class:`~clasp_torch.sources.ThreadedFiles`), since one
+    worker process on two CPUs spends about as long handing each decoded image over (shared
+    memory, a file descriptor per tensor, unpickling in the main process) as a thread spends
+    decoding it (``python -m benchmarks.io``; README "Millions of images").
+    """
+    n = _usable_cpus()
+    if n <= 2:
+        return 0, DECODE_THREADS_SMALL_HOST
+    return default_num_workers(), 0
 
 
 @dataclass
@@ -61,8 +85,10 @@ class SegmentConfig:
     resume: bool = False
     batch_size: int = 1
     num_workers: int | Literal["auto"] = "auto"
+    decode_threads: int | None = None
     writer_threads: int | None = None
     max_pending: int = 64
+    switch_interval: float | None = 2e-4
     gpu_decode: bool = False
     part_size: int = 10_000
     accelerator: str = "cpu"
@@ -82,8 +108,13 @@ class CollectionData(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.plan, self.files = cfg, plan, files
         self.skip_files, self.skip_parts = skip_files, skip_parts
-        workers = cfg.num_workers
-        self.num_workers = default_num_workers() if workers == "auto" else int(workers)
+        if cfg.num_workers == "auto":
+            self.num_workers, threads = default_loading()
+        else:
+            self.num_workers, threads = int(cfg.num_workers), 0
+        self.decode_threads = threads if cfg.decode_threads is None else int(cfg.decode_threads)
+        if self.num_workers:  # worker processes decode; threads only without them
+            self.decode_threads = 0
 
     def _loader(self, dataset: Any, sampler: Any = None, workers: int | None = None) -> DataLoader:
         n = self.num_workers if workers is None else workers
@@ -99,11 +130,14 @@ class CollectionData(pl.LightningDataModule):
         if self.plan.shards:
             skip_name = file_done(self.cfg.out) if self.cfg.resume and self.cfg.format == "png" else None
             shards = ShardSource(self.plan.shards, rank, world, skip_part=self.skip_parts, skip_name=skip_name,
-                                 raw_jpeg=self.cfg.gpu_decode)
+                                 raw_jpeg=self.cfg.gpu_decode, decode_threads=self.decode_threads)
             loaders.append(self._loader(shards, workers=min(self.num_workers, max(len(self.plan.shards), 1))))
         if self.plan.files:
             sampler = RankSampler(self.files, rank, world, by_part=self.cfg.format == "parquet", skip=self.skip_files)
-            loaders.append(self._loader(self.files, sampler))
+            if self.decode_threads:
+                loaders.append(self._loader(ThreadedFiles(self.files, sampler.indices, self.decode_threads)))
+            else:
+                loaders.append(self._loader(self.files, sampler))
         return loaders
 
 
@@ -130,6 +164,11 @@ class SegmentRun:
         """``trainer.predict`` over the loaders; Ctrl-C sets :attr:`interrupted` (outputs so far
         are complete)."""
         old_handler = signal.getsignal(signal.SIGINT)
+        old_switch = sys.getswitchinterval()
+        if self.cfg.switch_interval is not None:
+            # the decode and writer threads wait for the GIL after each GIL-free encoder/decoder
+            # call; CPython's 5 ms default leaves them waiting behind the predict loop's Python
+            sys.setswitchinterval(min(old_switch, self.cfg.switch_interval))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -147,6 +186,7 @@ class SegmentRun:
             if old_handler is not None:  # Lightning ignores SIGINT after an interrupt
                 signal.signal(signal.SIGINT, old_handler)
             self.writer.finish(complete=False)
+            sys.setswitchinterval(old_switch)
 
 
 def _resume_skips(cfg: SegmentConfig, plan: InputPlan, files: FileSource) -> tuple[list[int], list[int]]:

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections import deque
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,13 +38,46 @@ from .inputs import FileInput, ShardInput, check_member_name, member_key
 __all__ = [
     "JPEG_EXTENSIONS",
     "FileSource",
+    "ThreadedFiles",
     "ShardSource",
     "RankSampler",
+    "ordered_map",
     "decode_batch",
     "decode_image",
 ]
 
 JPEG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], threads: int, ahead: int) -> Iterator[_R]:
+    """``fn(x)`` for each ``x`` of ``items``, computed by ``threads`` threads of this process with at
+    most ``ahead`` results in flight, yielded in input order (``items`` is read in the caller's
+    thread). For decoding in the main process: libjpeg-turbo, zlib and Pillow release the GIL,
+    so the threads decode in parallel with the predict loop without a worker process's
+    hand-over of every image (measured in ``benchmarks/io.py``). An error of ``fn`` is raised
+    where its result would be yielded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="clasp-decode")
+    window: deque = deque()
+    try:
+        for x in items:
+            window.append(ex.submit(fn, x))
+            if len(window) >= ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for fut in window:
+            fut.cancel()
+        ex.shutdown(wait=True)
+
+
+def _call(thunk: Callable[[], _R]) -> _R:
+    return thunk()
 
 
 def _read_error(path: str, exc: BaseException) -> str:
@@ -58,26 +93,51 @@ def decode_image(data: bytes, name: str) -> Tensor:
     ``torchvision.io.decode_jpeg`` (libjpeg-turbo, EXIF orientation applied: 4.5 against 6.6 ms
     for a 640x480 photo with Pillow, and pixel-identical on all 50 COCO dev photos), everything
     else, and any JPEG it rejects (CMYK, progressive oddities, corrupt data), with
-    :func:`clasp_torch.data.load_image_bytes` (Pillow).
+    :func:`clasp_torch.data.load_image_bytes` (Pillow). Thread-safe (no warning filters are
+    touched), and the decoding itself runs without the GIL.
 
     Raises:
         ImageLoadError: the bytes are not a decodable image.
     """
     if name.lower().endswith(JPEG_EXTENSIONS) and data[:2] == b"\xff\xd8":
         try:
-            import warnings
-
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-                arr = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                img = decode_jpeg(arr, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            op = _jpeg_op()
+            arr = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            img = op(arr)
             if img.ndim == 3 and img.shape[0] == 3 and img.shape[1] and img.shape[2]:
                 return img
         except (RuntimeError, ImportError, ValueError):
             pass
     return load_image_bytes(data, name)
+
+
+_JPEG_OP: Callable[[Tensor], Tensor] | None = None
+
+
+def _jpeg_op() -> Callable[[Tensor], Tensor]:
+    """``decode_jpeg(data, RGB, apply_exif_orientation=True)`` on the CPU: torchvision's registered
+    operator itself where present (the Python wrapper adds a deprecation warning per call,
+    torchvision 0.29, and filtering it per call is neither cheap nor thread-safe), else the
+    wrapper under a warning filter."""
+    global _JPEG_OP
+    if _JPEG_OP is None:
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        rgb = ImageReadMode.RGB
+        raw = getattr(getattr(torch.ops, "image", None), "decode_jpeg", None)
+        if raw is not None:
+            _JPEG_OP = lambda arr: raw(arr, rgb.value, True)  # noqa: E731
+        else:  # pragma: no cover - other torchvision builds
+
+            def _wrapped(arr: Tensor) -> Tensor:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return decode_jpeg(arr, mode=rgb, apply_exif_orientation=True)
+
+            _JPEG_OP = _wrapped
+    return _JPEG_OP
 
 
 class FileSource(Dataset):
@@ -125,6 +185,23 @@ class FileSource(Dataset):
         return item
 
 
+class ThreadedFiles(IterableDataset):
+    """The items ``source[i]`` for ``i`` in ``indices``, in that order, read and decoded by
+    ``threads`` threads of the loading process (:func:`ordered_map`, ``ahead`` items in flight):
+    a :class:`FileSource` for a DataLoader without worker processes."""
+
+    def __init__(self, source: FileSource, indices: Sequence[int], threads: int, ahead: int = 32) -> None:
+        super().__init__()
+        self.source, self.indices = source, list(indices)
+        self.threads, self.ahead = int(threads), int(ahead)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return ordered_map(self.source.__getitem__, self.indices, self.threads, self.ahead)
+
+
 class RankSampler(Sampler[int]):
     """Indices of a :class:`FileSource` for one process of ``world`` (an exact partition).
 
@@ -157,6 +234,9 @@ class ShardSource(IterableDataset):
         skip_part: parts to leave out (already written, ``--resume``).
         skip_name: a sample name to leave out (its outputs exist, ``--resume``), or ``None``.
         raw_jpeg: return JPEG samples as bytes (``encoded``).
+        decode_threads: decode in this many threads of the reading process (:func:`ordered_map`,
+            ``ahead`` samples in flight; the tar is still read in order by one thread); 0: decode
+            as each sample is read.
 
     Items: as :class:`FileSource` (``path`` is ``SHARD:KEY``), a failure item per unsafe name,
     corrupt member, key without an image member or duplicate key, one for an unreadable or
@@ -172,6 +252,8 @@ class ShardSource(IterableDataset):
         skip_part: Sequence[int] = (),
         skip_name: Callable[[str], bool] | None = None,
         raw_jpeg: bool = False,
+        decode_threads: int = 0,
+        ahead: int = 32,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -179,6 +261,7 @@ class ShardSource(IterableDataset):
         self.skip_part = set(skip_part)
         self.skip_name = skip_name
         self.raw_jpeg = raw_jpeg
+        self.decode_threads, self.ahead = int(decode_threads), int(ahead)
 
     def assigned(self, worker: int = 0, n_workers: int = 1) -> list[int]:
         """Shard indices read by ``worker`` of ``n_workers`` in this rank."""
@@ -188,15 +271,24 @@ class ShardSource(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        thunks = self._thunks(self.assigned(worker, n_workers))
+        items = ordered_map(_call, thunks, self.decode_threads, self.ahead) if self.decode_threads else map(_call, thunks)
         counter = 0
-        for i in self.assigned(worker, n_workers):
-            n = 0
-            for item in self._samples(self.shards[i], i):
+        for item in items:
+            if "part_end" not in item:
                 item["index"] = counter
                 counter += 1
+            yield item
+
+    def _thunks(self, shard_ids: Sequence[int]) -> Iterator[Callable[[], dict[str, Any]]]:
+        """One zero-argument callable per item, in order: reading the tar happens here, the
+        decoding when the callable runs."""
+        for i in shard_ids:
+            n = 0
+            for thunk in self._samples(self.shards[i], i):
                 n += 1
-                yield item
-            yield {"part_end": i, "count": n, "path": self.shards[i].path, "image": None}
+                yield thunk
+            yield partial(dict, part_end=i, count=n, path=self.shards[i].path, image=None)
 
     def _sample(self, shard: ShardInput, part: int, key: str, members: list[tuple[str, bytes | None]]) -> dict[str, Any]:
         item: dict[str, Any] = {"path": f"{shard.path}:{key}", "name": f"{shard.name}/{key}", "part": part, "image": None}
@@ -220,22 +312,22 @@ class ShardSource(IterableDataset):
             item["error"] = exc.reason
         return item
 
-    def _samples(self, shard: ShardInput, part: int) -> Iterator[dict[str, Any]]:
+    def _samples(self, shard: ShardInput, part: int) -> Iterator[Callable[[], dict[str, Any]]]:
         seen: set[str] = set()
         key: str | None = None
         members: list[tuple[str, bytes | None]] = []
 
-        def flush() -> Iterator[dict[str, Any]]:
+        def flush() -> Iterator[Callable[[], dict[str, Any]]]:
             if key is None:
                 return
             if key in seen:
-                yield {"path": f"{shard.path}:{key}", "name": f"{shard.name}/{key}", "part": part, "image": None,
-                       "error": "duplicate key (its members are not consecutive in the shard)"}
+                yield partial(dict, path=f"{shard.path}:{key}", name=f"{shard.name}/{key}", part=part, image=None,
+                              error="duplicate key (its members are not consecutive in the shard)")
                 return
             seen.add(key)
             if self.skip_name is not None and check_member_name(key) is None and self.skip_name(f"{shard.name}/{key}"):
                 return
-            yield self._sample(shard, part, key, members)
+            yield partial(self._sample, shard, part, key, members)
 
         try:
             with tarfile.open(shard.path, mode="r|*") as tf:
@@ -256,8 +348,8 @@ class ShardSource(IterableDataset):
                     members.append((m.name, data))
                 yield from flush()
         except (tarfile.TarError, OSError, EOFError) as exc:  # the key being read is lost with it
-            yield {"path": shard.path, "name": shard.name, "part": part, "image": None,
-                   "error": f"unreadable or truncated tar shard ({type(exc).__name__}: {exc})", "shard_error": True}
+            yield partial(dict, path=shard.path, name=shard.name, part=part, image=None,
+                          error=f"unreadable or truncated tar shard ({type(exc).__name__}: {exc})", shard_error=True)
 
 
 def decode_batch(encoded: Sequence[Tensor], names: Sequence[str], device: torch.device) -> list[Tensor | str]:

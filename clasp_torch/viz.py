@@ -6,8 +6,8 @@ import colorsys
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ def overlay_image(image: torch.Tensor | np.ndarray, labels: torch.Tensor | np.nd
     if n > 255:  # beyond one palette: the general path
         col = colorize(lab)
     else:
-        idx = Image.fromarray(np.where(neg, 255, lab).astype(np.uint8) if neg.any() else lab.astype(np.uint8), "L")
+        idx = Image.fromarray(np.where(neg, 255, lab).astype(np.uint8) if neg.any() else lab.astype(np.uint8, copy=False), "L")
         idx.putpalette(palette(n).reshape(-1).tolist() + [0, 0, 0] * (256 - n))  # index 255: black
         col = idx.convert("RGB")
     out = Image.blend(Image.fromarray(np.ascontiguousarray(img)), col if isinstance(col, Image.Image)
@@ -227,7 +227,7 @@ def label_png_bytes(labels: torch.Tensor | np.ndarray, compress_level: int = 1) 
     lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if lab.min() < 0 or lab.max() > 255:
         raise ValueError(f"labels must lie in [0, 255] for a PNG label map, got [{lab.min()}, {lab.max()}]")
-    im = Image.fromarray(lab.astype(np.uint8))  # mode L
+    im = Image.fromarray(lab.astype(np.uint8, copy=False))  # mode L
     im.putpalette(_PALETTE_256)  # L becomes P, values kept
     buf = io.BytesIO()
     im.save(buf, format="PNG", optimize=False, compress_level=compress_level)

@@ -171,6 +171,7 @@ class SegmentationWriter(BasePredictionWriter):
         self.log_name = log_name
         self.report_failures = report_failures
         self.pool: BackgroundPool | None = None
+        self._log_fh: Any = None
         self._lock = threading.Lock()
         self._rank = 0
         self._parts: dict[int, list[dict[str, Any]]] = {}
@@ -187,7 +188,8 @@ class SegmentationWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._rank = trainer.global_rank
-        self.log_path(self._rank).write_text("")
+        self._close_log()
+        self._log_fh = open(self.log_path(self._rank), "w", encoding="utf-8", buffering=1)  # a write per line
         self.n_ok, self.failures, self.parts_written = 0, [], []
         self._parts, self._seen, self._expected = {}, {}, dict(self.part_sizes)
         self.pool = BackgroundPool(self.threads, self.max_pending)
@@ -211,6 +213,12 @@ class SegmentationWriter(BasePredictionWriter):
         finally:
             self.pool.close()
             self.pool = None
+            self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
 
     # ------------------------------------------------------------------ per batch
     def write_on_batch_end(
@@ -257,8 +265,11 @@ class SegmentationWriter(BasePredictionWriter):
                 self.n_ok += 1
             else:
                 self.failures.append(entry)
-            with open(self.log_path(self._rank), "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+            if self._log_fh is not None:
+                self._log_fh.write(json.dumps(entry) + "\n")
+            else:  # a writer used outside a run
+                with open(self.log_path(self._rank), "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry) + "\n")
         if not entry["ok"] and self.report_failures:
             _report_line(f"failed {entry['path']}: {entry['error']}")
 
@@ -268,15 +279,16 @@ class SegmentationWriter(BasePredictionWriter):
         # one containment check per input (the suffixes below stay in the same folder; os.replace
         # replaces a final-component symlink instead of following it)
         base = str(safe_output_path(self.out_dir, name, ""))
+        lab = _uint8_labels(labels)  # one narrowing for the overlay and the PNG (same values)
         if self.overlays:
             ov = rec.get("overlay")  # composited on the GPU by the predictor, or here
             if ov is None:
-                ov = overlay_image(rec["image"], labels)
+                ov = overlay_image(rec["image"], lab)
             atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(ov))
         if self.stats_json:
             info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
             atomic_write_bytes(base + ".json", json.dumps(info, indent=1).encode())
-        atomic_write_bytes(base + ".png", label_png_bytes(labels))  # last: marks the input as done (--resume)
+        atomic_write_bytes(base + ".png", label_png_bytes(lab))  # last: marks the input as done (--resume)
 
     # ------------------------------------------------------------------ parquet format
     def _add_row(self, rec: dict[str, Any], name: str) -> None:
@@ -320,6 +332,17 @@ class SegmentationWriter(BasePredictionWriter):
         for r in rows:
             r.pop("_index", None)
         write_parquet_part(part_path(self.out_dir, part), rows)
+
+
+def _uint8_labels(labels: Tensor) -> Any:
+    """``labels`` as a uint8 array when every value lies in [0, 255] (the label PNG's range), else
+    unchanged (the PNG encoder then reports the range)."""
+    import numpy as np
+
+    lab = labels.numpy() if labels.device.type == "cpu" else labels.cpu().numpy()
+    if lab.size and 0 <= lab.min() and lab.max() <= 255:
+        return lab.astype(np.uint8)
+    return labels
 
 
 def _report_line(msg: str) -> None:

@@ -183,9 +183,15 @@ def _wait_for(pred, timeout: float = 240.0) -> None:  # type: ignore[no-untyped-
         time.sleep(0.05)
 
 
+def _two_cpus() -> None:  # preexec_fn: at most 2 usable CPUs, so --num-workers auto decodes in threads
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_kill_and_resume_gives_exactly_one_complete_output_per_input(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize("sig,workers", [(signal.SIGINT, "1"), (signal.SIGKILL, "1"), (signal.SIGINT, "auto"),
+                                         (signal.SIGKILL, "auto")])
+def test_kill_and_resume_gives_exactly_one_complete_output_per_input(tmp_path: Path, sig: int, workers: str) -> None:
+    """``workers="1"``: a DataLoader worker process decodes; ``"auto"`` on 2 CPUs: decode threads."""
     d = tmp_path / "in"
     d.mkdir()
     n = 24
@@ -194,9 +200,11 @@ def test_kill_and_resume_gives_exactly_one_complete_output_per_input(tmp_path: P
     (d / "bad.jpg").write_bytes(b"not a jpeg")
     ref, out = tmp_path / "ref", tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    common = [*SEG, "--num-workers", "1"]
-    assert subprocess.run(_cli(str(d), "--out", str(ref), *common), env=env, capture_output=True).returncode == 1
-    proc = subprocess.Popen(_cli(str(d), "--out", str(out), *common), env=env, stderr=subprocess.PIPE)
+    common = [*SEG, "--num-workers", workers]
+    pre = _two_cpus if workers == "auto" else None
+    assert subprocess.run(_cli(str(d), "--out", str(ref), *common), env=env, capture_output=True,
+                          preexec_fn=pre).returncode == 1
+    proc = subprocess.Popen(_cli(str(d), "--out", str(out), *common), env=env, stderr=subprocess.PIPE, preexec_fn=pre)
     _wait_for(lambda: len(list(out.glob("p*.png"))) >= 3)
     proc.send_signal(sig)
     proc.wait(timeout=120)
@@ -206,7 +214,8 @@ def test_kill_and_resume_gives_exactly_one_complete_output_per_input(tmp_path: P
     for name in done_first:  # every output that exists is complete, overlay included
         assert np.array_equal(np.array(Image.open(out / name)), np.array(Image.open(ref / name)))
         Image.open(out / name.replace(".png", "_overlay.jpg")).load()
-    res = subprocess.run(_cli(str(d), "--out", str(out), *common, "--resume"), env=env, capture_output=True)
+    res = subprocess.run(_cli(str(d), "--out", str(out), *common, "--resume"), env=env, capture_output=True,
+                         preexec_fn=pre)
     assert res.returncode == 1, res.stderr[-2000:]  # bad.jpg
     report = json.loads((out / "clasp_report.json").read_text())
     assert report["skipped_existing"] == len(done_first) and report["ok"] == n - len(done_first)
@@ -238,19 +247,117 @@ def test_ddp_two_processes_over_two_shards_write_every_key_once(tmp_path: Path) 
 def test_label_rles_equal_pycocotools_encode_of_each_mask() -> None:
     from pycocotools import mask as mask_utils
 
-    from clasp_torch.io import _label_rles
+    from clasp_torch.io import _label_rles, label_segments, segment_rows
 
     rng = np.random.default_rng(0)
-    for trial in range(25):
+    maps = []
+    for trial in range(60):
         H, W = (int(v) for v in rng.integers(1, 30, 2))
         lab = rng.integers(-1, int(rng.integers(1, 6)), (H, W))
         if trial % 3 == 0:  # blocky maps too (long runs)
-            lab = np.repeat(np.repeat(rng.integers(0, 4, (3, 3)), 10, 0), 10, 1)[:H, :W]
+            lab = np.repeat(np.repeat(rng.integers(-1, 4, (3, 3)), 10, 0), 10, 1)[:H, :W]
+        if trial % 7 == 0:  # sparse large ids
+            lab = lab * 1000
+        maps.append(lab)
+    maps += [np.full((5, 4), -1), np.full((3, 7), 2), np.zeros((1, 9), np.int64), np.zeros((9, 1), np.int64)]
+    big = np.zeros((700, 900), np.int64)  # counts beyond 2**15: four and more 5-bit groups
+    big[300:, 450:], big[0, 0], big[699, 899] = 1, 2, 3
+    maps.append(big)
+    for lab in maps:
+        H, W = lab.shape
         ids, rles = _label_rles(lab)
         assert ids == sorted(int(v) for v in np.unique(lab) if v >= 0)
-        for sid, rle in zip(ids, rles):
+        _, counts, areas, boxes = label_segments(lab)
+        rows = segment_rows(torch.from_numpy(lab))
+        assert [r["id"] for r in rows] == ids
+        for j, (sid, rle) in enumerate(zip(ids, rles)):
             ref = mask_utils.encode(np.asfortranarray((lab == sid).astype(np.uint8)))
-            assert rle["counts"] == ref["counts"] and list(rle["size"]) == [H, W]
+            assert rle["counts"] == ref["counts"] == counts[j] and list(rle["size"]) == [H, W]
+            assert areas[j] == mask_utils.area(ref) == rows[j]["area"]
+            assert list(boxes[j]) == list(mask_utils.toBbox(ref)) == rows[j]["bbox"]
+            assert rows[j]["rle"] == {"size": [H, W], "counts": ref["counts"].decode()}
+
+
+def test_ordered_map_keeps_order_bounds_work_in_flight_and_raises() -> None:
+    from clasp_torch.sources import ordered_map
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (i % 3))
+        if i == 17:
+            raise ValueError("seventeen")
+        return i * i
+
+    got = []
+    gen = ordered_map(work, range(30), threads=3, ahead=4)
+    with pytest.raises(ValueError, match="seventeen"):
+        for v in gen:
+            with lock:
+                assert len(started) <= len(got) + 4  # never more than `ahead` items ahead of the consumer
+            got.append(v)
+    assert got == [i * i for i in range(17)]
+
+
+def test_decode_threads_give_the_same_items_as_in_line_decoding(tmp_path: Path) -> None:
+    from clasp_torch.inputs import FileInput, ShardInput
+    from clasp_torch.sources import FileSource, ShardSource, ThreadedFiles
+
+    members = [("k0.jpg", _encoded(0)), ("k1.jpg", b"\xff\xd8 corrupt"), ("k2.txt", b"x"), ("k3.png", _encoded(3, "PNG"))]
+    members += [(f"m{i:02d}.jpg", _encoded(10 + i)) for i in range(12)]
+    shards = [ShardInput(str(_tar(tmp_path / f"s{s}.tar", members)), f"s{s}") for s in range(2)]
+    (tmp_path / "cut.tar").write_bytes(Path(shards[0].path).read_bytes()[:30000])
+    shards.append(ShardInput(str(tmp_path / "cut.tar"), "cut"))
+
+    def same(a: list[dict], b: list[dict]) -> None:
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert (torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k]), k
+
+    ref = list(ShardSource(shards))
+    assert sum("part_end" in it for it in ref) == 3 and any("error" in it for it in ref)
+    for threads in (1, 3):
+        same(list(ShardSource(shards, decode_threads=threads, ahead=5)), ref)
+    files = [FileInput(str(tmp_path / f"f{i}.jpg"), f"f{i}") for i in range(9)] + [FileInput(str(tmp_path / "no.jpg"), "no")]
+    for i in range(9):
+        Path(files[i].path).write_bytes(_encoded(i))
+    src = FileSource(files)
+    order = [3, 0, 9, 1, 8, 2, 7, 4, 6, 5]
+    same(list(ThreadedFiles(src, order, threads=2, ahead=3)), [src[i] for i in order])
+    assert len(ThreadedFiles(src, order, threads=2)) == 10
+
+
+def test_auto_loading_uses_threads_on_two_cpus_and_processes_above(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    import clasp_torch.segment_run as sr
+    from clasp_torch.pipeline import CLASP
+    from tests.conftest import PatchMeanBackbone
+
+    for n, expect in ((1, (0, 2)), (2, (0, 2)), (3, (2, 0)), (16, (8, 0))):
+        monkeypatch.setattr(sr, "_usable_cpus", lambda n=n: n)
+        assert sr.default_loading() == expect
+    monkeypatch.setattr(sr, "_usable_cpus", lambda: 2)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(5):
+        photo(i, 64, 80).save(d / f"p{i}.jpg")
+    outs = {}
+    model = CLASP(PatchMeanBackbone(), refiner=None, n_init=2)
+    for mode, workers in (("threads", "auto"), ("sync", 0), ("proc", 1)):
+        cfg = sr.SegmentConfig(inputs=[str(d)], out=str(tmp_path / mode), num_workers=workers, batch_size=2,
+                               progress=False)
+        run = sr.build_segment_run(cfg, model)
+        assert run.data.decode_threads == (2 if mode == "threads" else 0)
+        before = sys.getswitchinterval()
+        run.run()
+        assert sys.getswitchinterval() == before  # the run's shorter GIL switch interval is undone
+        outs[mode] = {p.name: p.read_bytes() for p in (tmp_path / mode).glob("p*")}
+    assert len(outs["threads"]) == 10 and outs["threads"] == outs["sync"] == outs["proc"]  # PNGs and overlays
 
 
 def test_decode_image_equals_pillow_on_real_photos_and_exif(tmp_path: Path) -> None:
