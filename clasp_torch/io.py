@@ -18,14 +18,16 @@ Any Parquet reader opens the parts (``pyarrow.parquet.read_table(OUT)``, pandas,
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PARQUET_SCHEMA_FIELDS", "part_path", "segment_rows", "label_segments", "write_parquet_part", "iter_parquet_labels"]
+__all__ = ["PARQUET_SCHEMA_FIELDS", "part_path", "segment_rows", "label_segments", "write_parquet_part",
+           "iter_parquet_labels"]
 
 PARQUET_SCHEMA_FIELDS = ("key", "name", "height", "width", "k", "k_opt", "segments")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

@@ -24,9 +24,10 @@ from __future__ import annotations
 import os
 import tarfile
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -272,7 +273,8 @@ class ShardSource(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         thunks = self._thunks(self.assigned(worker, n_workers))
-        items = ordered_map(_call, thunks, self.decode_threads, self.ahead) if self.decode_threads else map(_call, thunks)
+        items = (ordered_map(_call, thunks, self.decode_threads, self.ahead) if self.decode_threads
+                 else map(_call, thunks))
         counter = 0
         for item in items:
             if "part_end" not in item:
@@ -290,8 +292,10 @@ class ShardSource(IterableDataset):
                 yield thunk
             yield partial(dict, part_end=i, count=n, path=self.shards[i].path, image=None)
 
-    def _sample(self, shard: ShardInput, part: int, key: str, members: list[tuple[str, bytes | None]]) -> dict[str, Any]:
-        item: dict[str, Any] = {"path": f"{shard.path}:{key}", "name": f"{shard.name}/{key}", "part": part, "image": None}
+    def _sample(self, shard: ShardInput, part: int, key: str,
+                members: list[tuple[str, bytes | None]]) -> dict[str, Any]:
+        item: dict[str, Any] = {"path": f"{shard.path}:{key}", "name": f"{shard.name}/{key}", "part": part,
+                                "image": None}
         bad = check_member_name(key)
         if bad is not None:
             item["error"] = bad

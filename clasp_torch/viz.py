@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "palette", "colorize", "overlay", "overlay_image", "overlay_tensor", "boundaries", "contact_sheet", "save_label_png",
+    "palette", "colorize", "overlay", "overlay_image", "overlay_tensor", "boundaries", "contact_sheet",
+    "save_label_png",
     "label_png_bytes", "save_image_atomic", "atomic_write_bytes", "atomic_path", "encode_overlay_jpeg",
 ]
 
@@ -85,7 +86,8 @@ def overlay_image(image: torch.Tensor | np.ndarray, labels: torch.Tensor | np.nd
     if n > 255:  # beyond one palette: the general path
         col = colorize(lab)
     else:
-        idx = Image.fromarray(np.where(neg, 255, lab).astype(np.uint8) if neg.any() else lab.astype(np.uint8, copy=False), "L")
+        small = np.where(neg, 255, lab).astype(np.uint8) if neg.any() else lab.astype(np.uint8, copy=False)
+        idx = Image.fromarray(small, "L")
         idx.putpalette(palette(n).reshape(-1).tolist() + [0, 0, 0] * (256 - n))  # index 255: black
         col = idx.convert("RGB")
     out = Image.blend(Image.fromarray(np.ascontiguousarray(img)), col if isinstance(col, Image.Image)
@@ -139,7 +141,8 @@ def encode_overlay_jpeg(overlay_img: torch.Tensor | np.ndarray | Image.Image, qu
     return buf.getvalue()
 
 
-def contact_sheet(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] | None = None, width: int = 320) -> Image.Image:
+def contact_sheet(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] | None = None,
+                  width: int = 320) -> Image.Image:
     """Grid of images (each row a sequence of ``(H, W, 3)`` uint8 arrays), one caption per row."""
     tiles: list[list[Image.Image]] = []
     for row in rows:

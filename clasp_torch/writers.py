@@ -19,9 +19,10 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +32,8 @@ from torch import Tensor
 from .inputs import safe_output_path
 from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_image
 
-__all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs", "default_writer_threads"]
+__all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs",
+           "default_writer_threads"]
 
 OutputFormat = Literal["png", "parquet"]
 

@@ -306,7 +306,8 @@ def test_decode_threads_give_the_same_items_as_in_line_decoding(tmp_path: Path) 
     from clasp_torch.inputs import FileInput, ShardInput
     from clasp_torch.sources import FileSource, ShardSource, ThreadedFiles
 
-    members = [("k0.jpg", _encoded(0)), ("k1.jpg", b"\xff\xd8 corrupt"), ("k2.txt", b"x"), ("k3.png", _encoded(3, "PNG"))]
+    members = [("k0.jpg", _encoded(0)), ("k1.jpg", b"\xff\xd8 corrupt"), ("k2.txt", b"x"),
+               ("k3.png", _encoded(3, "PNG"))]
     members += [(f"m{i:02d}.jpg", _encoded(10 + i)) for i in range(12)]
     shards = [ShardInput(str(_tar(tmp_path / f"s{s}.tar", members)), f"s{s}") for s in range(2)]
     (tmp_path / "cut.tar").write_bytes(Path(shards[0].path).read_bytes()[:30000])
@@ -323,7 +324,8 @@ def test_decode_threads_give_the_same_items_as_in_line_decoding(tmp_path: Path) 
     assert sum("part_end" in it for it in ref) == 3 and any("error" in it for it in ref)
     for threads in (1, 3):
         same(list(ShardSource(shards, decode_threads=threads, ahead=5)), ref)
-    files = [FileInput(str(tmp_path / f"f{i}.jpg"), f"f{i}") for i in range(9)] + [FileInput(str(tmp_path / "no.jpg"), "no")]
+    files = [FileInput(str(tmp_path / f"f{i}.jpg"), f"f{i}") for i in range(9)]
+    files += [FileInput(str(tmp_path / "no.jpg"), "no")]
     for i in range(9):
         Path(files[i].path).write_bytes(_encoded(i))
     src = FileSource(files)
