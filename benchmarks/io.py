@@ -43,10 +43,17 @@ from torch import Tensor, nn
 from benchmarks.run import DEFAULT_IMAGE_DIR, write_outputs
 from clasp_torch.data import ImageLoadError, load_image
 from clasp_torch.io import segment_rows
-from clasp_torch.sources import FileSource, decode_image
 from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_num_workers
-from clasp_torch.viz import atomic_write_bytes, boundaries, colorize, encode_overlay_jpeg, label_png_bytes, overlay_image
-from clasp_torch.viz import overlay_tensor
+from clasp_torch.sources import FileSource, decode_image
+from clasp_torch.viz import (
+    atomic_write_bytes,
+    boundaries,
+    colorize,
+    encode_overlay_jpeg,
+    label_png_bytes,
+    overlay_image,
+    overlay_tensor,
+)
 from clasp_torch.writers import SegmentationWriter, default_writer_threads, safe_output_path
 
 
