@@ -43,18 +43,11 @@ from torch import Tensor, nn
 from benchmarks.run import DEFAULT_IMAGE_DIR, write_outputs
 from clasp_torch.data import ImageLoadError, load_image
 from clasp_torch.io import segment_rows
-from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_num_workers
 from clasp_torch.sources import FileSource, decode_image
-from clasp_torch.viz import (
-    atomic_write_bytes,
-    boundaries,
-    colorize,
-    encode_overlay_jpeg,
-    label_png_bytes,
-    overlay_image,
-    overlay_tensor,
-)
-from clasp_torch.writers import SegmentationWriter, default_writer_threads, safe_output_path
+from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_loading
+from clasp_torch.viz import atomic_write_bytes, boundaries, colorize, encode_overlay_jpeg, label_png_bytes, overlay_image
+from clasp_torch.viz import overlay_tensor
+from clasp_torch.writers import SegmentationWriter, _uint8_labels, default_writer_threads, safe_output_path
 
 
 def dev_image_paths(tmp: str) -> list[str]:
@@ -170,7 +163,7 @@ def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
 
 def measure_parts(paths: list[str], device: str) -> dict[str, float]:
     """Host ms per image of each part (one thread)."""
-    imgs = [load_image(p) for p in paths]
+    imgs = [decode_image(Path(p).read_bytes(), p) for p in paths]  # as the loaders give them
     labs = [stub_labels(im) for im in imgs]
     pairs = list(zip(imgs, labs))
 
@@ -188,9 +181,9 @@ def measure_parts(paths: list[str], device: str) -> dict[str, float]:
     parts = {
         "decode_cpu": _median_ms(lambda p: decode_image(Path(p).read_bytes(), p), paths),
         "decode_cpu_before": _median_ms(load_image, paths),
-        "label_png": _median_ms(lambda p: label_png_bytes(p[1]), pairs),
+        "label_png": _median_ms(lambda p: label_png_bytes(_uint8_labels(p[1])), pairs),
         "label_png_zlib6_before": _median_ms(lambda p: label_png_bytes(p[1], compress_level=6), pairs),
-        "overlay": _median_ms(lambda p: encode_overlay_jpeg(overlay_image(*p)), pairs),
+        "overlay": _median_ms(lambda p: encode_overlay_jpeg(overlay_image(p[0], _uint8_labels(p[1]))), pairs),
         "overlay_before": _median_ms(legacy_overlay, pairs),
         "overlay_torch_encode_jpeg": _median_ms(tv_overlay, pairs),
         "parquet_row": _median_ms(lambda p: segment_rows(p[1]), pairs),
@@ -208,6 +201,67 @@ def measure_parts(paths: list[str], device: str) -> dict[str, float]:
     return parts
 
 
+def _format_work(fmt: str) -> Any:
+    """The host work of one image of ``fmt`` without the pipeline (no loop, no files): decode its
+    bytes, then the format's encoders on its (cached) stub labels."""
+
+    def work(item: tuple[bytes, str, Tensor]) -> None:
+        data, name, lab = item
+        img = decode_image(data, name)
+        if fmt == "parquet":
+            segment_rows(lab)
+            return
+        lab8 = _uint8_labels(lab)
+        if fmt == "png":
+            encode_overlay_jpeg(overlay_image(img, lab8))
+        label_png_bytes(lab8)
+
+    return work
+
+
+def _loop(work: Any, items: list[Any], go: Any = None) -> None:
+    if go is not None:
+        go.wait()
+    for it in items:
+        work(it)
+
+
+def parts_ceiling(paths: list[str], n_images: int, cores: int) -> dict[str, dict[str, float]]:
+    """Images/s of the parts alone on all cores: ``processes`` (one forked process per core, each
+    looping over its share: what the hardware gives when the parts run side by side) and
+    ``threads`` (one thread per core in this process: the same with the GIL shared). Between
+    the bound (single-thread part times x cores) and ``after`` (the whole pipeline)."""
+    import multiprocessing as mp
+
+    datas = [(Path(p).read_bytes(), p) for p in paths]
+    labs = {p: stub_labels(decode_image(d, p)) for d, p in datas}
+    items = [(d, p, labs[p]) for d, p in (datas[i % len(datas)] for i in range(n_images))]
+    shares = [items[i::cores] for i in range(cores)]
+    out: dict[str, dict[str, float]] = {"processes": {}, "threads": {}}
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    for fmt in FORMATS:
+        work = _format_work(fmt)
+        _loop(work, items[:4])  # warm-up
+        if ctx is not None:
+            go = ctx.Event()
+            procs = [ctx.Process(target=_loop, args=(work, sh, go)) for sh in shares]
+            for pr in procs:
+                pr.start()
+            time.sleep(0.2)  # the children are forked and waiting
+            t0 = time.perf_counter()
+            go.set()
+            for pr in procs:
+                pr.join()
+            out["processes"][fmt] = len(items) / (time.perf_counter() - t0)
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(cores) as ex:
+            list(ex.map(lambda sh: _loop(work, sh), shares))
+        out["threads"][fmt] = len(items) / (time.perf_counter() - t0)
+    return out
+
+
 class _Clock:
     """Lightning callback: time at the end of the first batch, image counts."""
 
@@ -220,10 +274,13 @@ class _Clock:
             def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
                 if outer.t_first is None:
                     outer.t_first, outer.n_first = time.perf_counter(), len(outputs)
+                    outer.cpu_first, outer.busy_first = _own_cpu_s(), _busy_s()
 
         self.callback = CB()
         self.t_first: float | None = None
         self.n_first = 0
+        self.cpu_first = 0.0
+        self.busy_first: float | None = None
 
 
 def _loading(setting: str) -> dict[str, Any]:
@@ -250,8 +307,27 @@ def _loading(setting: str) -> dict[str, Any]:
     return cfg
 
 
-def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> float:
-    """Sustained images/s of one configuration (see the module docstring)."""
+def _busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy (``/proc/stat``), or None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except OSError:  # pragma: no cover
+        return None
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> dict[str, float]:
+    """Sustained images/s of one configuration (see the module docstring), with the host CPU ms
+    per image of this run (this process and its workers) and of every other process meanwhile
+    (``others_cpu_ms``: another job on the machine makes the figure unreliable)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = SegmentConfig(
             inputs=inputs, out=out, format="parquet" if fmt == "parquet" else "png", overlays=fmt == "png",
@@ -271,9 +347,27 @@ def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep
         run.trainer.callbacks.append(clock.callback)
         run.run()
         t_end = time.perf_counter()
+        cpu, busy = _own_cpu_s() - clock.cpu_first, _busy_s()
         n = len(run.plan.files)
         assert clock.t_first is not None
-        return (n - clock.n_first) / (t_end - clock.t_first)
+        m = n - clock.n_first  # the images of the timed window
+        res = {"images_per_s": m / (t_end - clock.t_first), "cpu_ms": 1000 * cpu / m,
+               "cores_busy": cpu / (t_end - clock.t_first)}
+        if busy is not None and clock.busy_first is not None:
+            res["others_cpu_ms"] = 1000 * (busy - clock.busy_first - cpu) / m
+        return res
+
+
+FORMATS = ("png_no_overlay", "png", "parquet")
+
+
+def _bound(parts: dict[str, float], cores: int) -> dict[str, float]:
+    sums = {
+        "png_no_overlay": parts["decode_cpu"] + parts["label_png"],
+        "png": parts["decode_cpu"] + parts["label_png"] + parts["overlay"],
+        "parquet": parts["decode_cpu"] + parts["parquet_row"],
+    }
+    return {k: cores / (v / 1000) for k, v in sums.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,23 +375,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=400, help="images per throughput run (dev photos, repeated)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--stub-ms", type=float, default=1.0, help="the stub model's time per batch")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of parts + every format's before/after, interleaved; figures are medians")
+    ap.add_argument("--settings", default="",
+                    help="comma-separated extra settings measured beside after, e.g. proc1,threads1,sw5000 "
+                         "(see _loading)")
+    ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     photo_dir = tempfile.TemporaryDirectory()
     paths = dev_image_paths(photo_dir.name)
-    parts = measure_parts(paths[:20], args.device)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         cores = os.cpu_count() or 1
-    sums = {
-        "png_no_overlay": parts["decode_cpu"] + parts["label_png"],
-        "png": parts["decode_cpu"] + parts["label_png"] + parts["overlay"],
-        "parquet": parts["decode_cpu"] + parts["parquet_row"],
-    }
-    bound = {k: cores / (v / 1000) for k, v in sums.items()}
+    formats = [f for f in args.formats.split(",") if f]
+    settings = ["before", "after"] + [s for s in args.settings.split(",") if s]
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = []  # the dev photos repeated under distinct names (r0/…, r1/…)
         for r in range(max(1, -(-args.images // len(paths)))):
@@ -307,18 +403,37 @@ def main(argv: list[str] | None = None) -> int:
                 if len(inputs) < args.images:
                     (d / Path(p).name).symlink_to(Path(p).resolve())
                     inputs.append(str(d / Path(p).name))
-        res: dict[str, Any] = {"before": {}, "after": {}}
-        for fmt in ("png_no_overlay", "png", "parquet"):
-            for setting in ("before", "after"):
-                res[setting][fmt] = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
-                print(f"{fmt:15s} {setting:6s} {res[setting][fmt]:7.1f} images/s", file=sys.stderr, flush=True)
-    res["bound"] = bound
-    res["ratio_after_before"] = {k: res["after"][k] / res["before"][k] for k in bound}
-    res["after_over_bound"] = {k: res["after"][k] / bound[k] for k in bound}
-    res["parts_ms"] = parts
-    res["host"] = {"usable_cores": cores, "num_workers_auto": default_num_workers(),
+        for rep in range(args.repeats):
+            rnd: dict[str, Any] = {"parts_ms": measure_parts(paths[:20], args.device)}
+            rnd["bound"] = _bound(rnd["parts_ms"], cores)
+            rnd["parts_ceiling"] = parts_ceiling(paths, args.images, cores)
+            print(f"round {rep} bound {rnd['bound']}  parts ceiling {rnd['parts_ceiling']}", file=sys.stderr, flush=True)
+            for fmt in formats:
+                for setting in settings:
+                    r = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
+                    rnd.setdefault(setting, {})[fmt] = r
+                    print(f"round {rep} {fmt:15s} {setting:12s} {r['images_per_s']:7.1f} images/s  "
+                          f"cpu {r['cpu_ms']:.2f} ms/image  cores {r['cores_busy']:.2f}  "
+                          f"others {r.get('others_cpu_ms', float('nan')):.2f}",
+                          file=sys.stderr, flush=True)
+            rounds.append(rnd)
+    med = statistics.median
+    res: dict[str, Any] = {}
+    for setting in settings:
+        res[setting] = {f: med(r[setting][f]["images_per_s"] for r in rounds) for f in formats}
+    res["bound"] = {f: med(r["bound"][f] for r in rounds) for f in formats}
+    res["parts_ceiling"] = {k: {f: med(r["parts_ceiling"][k][f] for r in rounds) for f in formats}
+                            for k in ("processes", "threads")}
+    res["after_over_parts_ceiling"] = {f: res["after"][f] / res["parts_ceiling"]["processes"][f] for f in formats}
+    res["ratio_after_before"] = {f: res["after"][f] / res["before"][f] for f in formats}
+    res["after_over_bound"] = {f: res["after"][f] / res["bound"][f] for f in formats}
+    res["cpu_ms_per_image"] = {s: {f: med(r[s][f]["cpu_ms"] for r in rounds) for f in formats} for s in settings}
+    res["parts_ms"] = {k: med(r["parts_ms"][k] for r in rounds) for k in rounds[0]["parts_ms"]}
+    res["rounds"] = rounds
+    workers, threads = default_loading()
+    res["host"] = {"usable_cores": cores, "auto_worker_processes": workers, "auto_decode_threads": threads,
                    "writer_threads": default_writer_threads(), "images": args.images, "batch_size": args.batch_size,
-                   "stub_ms_per_batch": args.stub_ms}
+                   "stub_ms_per_batch": args.stub_ms, "repeats": args.repeats}
     text = json.dumps(res, indent=1)
     print(text)
     write_outputs((args.json, text))

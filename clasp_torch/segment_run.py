@@ -124,18 +124,24 @@ class CollectionData(pl.LightningDataModule):
             collate_fn=collate_images, pin_memory=on_gpu, prefetch_factor=4 if n else None,
         )
 
+    def _ahead(self) -> int:
+        """Decoded images in flight with decode threads: 4 batches, as the loaders' prefetching
+        with worker processes (memory follows the batch size, not the number of inputs)."""
+        return max(2 * self.decode_threads, 4 * self.cfg.batch_size)
+
     def predict_dataloader(self) -> list[DataLoader]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         loaders = []
         if self.plan.shards:
             skip_name = file_done(self.cfg.out) if self.cfg.resume and self.cfg.format == "png" else None
             shards = ShardSource(self.plan.shards, rank, world, skip_part=self.skip_parts, skip_name=skip_name,
-                                 raw_jpeg=self.cfg.gpu_decode, decode_threads=self.decode_threads)
+                                 raw_jpeg=self.cfg.gpu_decode, decode_threads=self.decode_threads, ahead=self._ahead())
             loaders.append(self._loader(shards, workers=min(self.num_workers, max(len(self.plan.shards), 1))))
         if self.plan.files:
             sampler = RankSampler(self.files, rank, world, by_part=self.cfg.format == "parquet", skip=self.skip_files)
             if self.decode_threads:
-                loaders.append(self._loader(ThreadedFiles(self.files, sampler.indices, self.decode_threads)))
+                loaders.append(self._loader(ThreadedFiles(self.files, sampler.indices, self.decode_threads,
+                                                          ahead=self._ahead())))
             else:
                 loaders.append(self._loader(self.files, sampler))
         return loaders

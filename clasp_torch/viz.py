@@ -167,25 +167,40 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] 
     return sheet
 
 
+_UMASK: int | None = None
+_UMASK_LOCK = __import__("threading").Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: ``os.umask`` can only be read by setting it, which is not
+    safe while writer threads create files."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+        return _UMASK
+
+
+def _mode() -> int:
+    return 0o666 & ~_umask()  # mkstemp creates 0600; give the usual file mode
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; on success it is fsynced and renamed onto
-    ``path`` (atomic), on any error removed. Readers never see a half-written ``path``."""
+def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it is fsynced (unless the caller
+    did: ``fsync=False``) and renamed onto ``path`` (atomic), on any error removed. Readers never
+    see a half-written ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        os.chmod(tmp, _mode())
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -196,9 +211,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, written and
+    fsynced through one descriptor, then renamed onto ``path``)."""
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "r+b") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike[str], **save_kwargs: object) -> None:
