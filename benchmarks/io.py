@@ -43,10 +43,17 @@ from torch import Tensor, nn
 from benchmarks.run import DEFAULT_IMAGE_DIR, write_outputs
 from clasp_torch.data import ImageLoadError, load_image
 from clasp_torch.io import segment_rows
-from clasp_torch.sources import FileSource, decode_image
 from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_loading
-from clasp_torch.viz import atomic_write_bytes, boundaries, colorize, encode_overlay_jpeg, label_png_bytes, overlay_image
-from clasp_torch.viz import overlay_tensor
+from clasp_torch.sources import FileSource, decode_image
+from clasp_torch.viz import (
+    atomic_write_bytes,
+    boundaries,
+    colorize,
+    encode_overlay_jpeg,
+    label_png_bytes,
+    overlay_image,
+    overlay_tensor,
+)
 from clasp_torch.writers import SegmentationWriter, _uint8_labels, default_writer_threads, safe_output_path
 
 
@@ -407,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             rnd: dict[str, Any] = {"parts_ms": measure_parts(paths[:20], args.device)}
             rnd["bound"] = _bound(rnd["parts_ms"], cores)
             rnd["parts_ceiling"] = parts_ceiling(paths, args.images, cores)
-            print(f"round {rep} bound {rnd['bound']}  parts ceiling {rnd['parts_ceiling']}", file=sys.stderr, flush=True)
+            print(f"round {rep} bound {rnd['bound']}  parts ceiling {rnd['parts_ceiling']}", file=sys.stderr,
+                  flush=True)
             for fmt in formats:
                 for setting in settings:
                     r = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
