@@ -1,4 +1,4 @@
-"""Command line: ``clasp segment``, ``clasp demo``, ``clasp eval``.
+"""Command line: ``clasp segment``, ``clasp proposals``, ``clasp demo``, ``clasp eval``.
 
 User errors (missing weights, bad arguments, unreadable inputs) are reported in one
 paragraph or one line per input, never as a Python traceback.
@@ -81,7 +81,7 @@ def default_batch_size(device: str) -> int:
     return 8 if on_gpu else 1
 
 
-def _build_model(args: argparse.Namespace, refiner: str | None):
+def _build_model(args: argparse.Namespace, refiner: str | None, **extra: Any):
     from .backbones import WeightsUnavailableError
     from .pipeline import CLASP
 
@@ -96,6 +96,7 @@ def _build_model(args: argparse.Namespace, refiner: str | None):
             k_selector=getattr(args, "k_selector", "eigengap"),
             preset=getattr(args, "preset", "paper"),
             **({"crf_max_pixels": args.crf_max_pixels} if getattr(args, "crf_max_pixels", None) else {}),
+            **extra,
         )
     except WeightsUnavailableError as exc:
         raise CLIError(str(exc)) from None
@@ -253,6 +254,74 @@ def _print_summary(out: Path, report: dict[str, Any], report_path: Path, n_skipp
             print(f"  {f['path']}: {f['error']}", file=sys.stderr)
     if failures or report["interrupted"]:
         print(f"report: {report_path}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- proposals
+def cmd_proposals(args: argparse.Namespace) -> int:
+    """``clasp proposals``: instance proposals of every input, one COCO-format dataset file."""
+    from .inputs import plan_inputs
+    from .proposal_run import ProposalConfig, assemble_dataset, build_proposal_run
+
+    try:
+        __import__("pycocotools")
+    except ImportError:
+        raise CLIError("clasp proposals needs the package pycocotools: "
+                       "pip install 'clasp-torch[collection]'") from None
+    out = Path(args.out)
+    dev = _device_args(args.device, args.devices)
+    plan = plan_inputs(args.inputs, None)
+    if plan.collisions:
+        lines = "\n".join(f"  {c}" for c in plan.collisions)
+        raise CLIError(f"{len(plan.collisions)} image name(s) are claimed by more than one input (names are paths "
+                       "relative to the inputs' common folder, suffix dropped); rename or give them in separate "
+                       f"runs:\n{lines}")
+    _prepare_out_dir(out.parent if str(out.parent) else Path("."))
+    for m in plan.missing:
+        print(f"failed {m['path']}: {m['error']}", file=sys.stderr)
+    model = _build_model(args, None if args.no_crf else "crf", keep_band_labels=True)  # every K of the band
+    cfg = ProposalConfig(
+        inputs=list(args.inputs), out=str(out), max_per_image=args.max_per_image, min_area=args.min_area,
+        refine_band=not (args.no_crf or args.no_band_crf), options={"iou_threshold": args.iou_threshold},
+        band={"max_pixels": args.band_crf_pixels, "max_maps": args.band_maps},
+        batch_size=args.batch_size, num_workers=args.num_workers, accelerator=dev["accelerator"],
+        devices=dev["devices"],
+        strategy=args.strategy, num_nodes=args.num_nodes, progress=not args.quiet,
+    )
+    try:
+        run = build_proposal_run(cfg, model, plan)
+    except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ...
+        raise CLIError(f"invalid --strategy/--devices/--num-nodes settings: {exc}") from None
+    t0 = time.perf_counter()
+    run.run()
+    trainer = run.trainer
+    if trainer.world_size > 1 and not run.interrupted:
+        trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        if run.interrupted:
+            raise KeyboardInterrupt
+        return 0
+    parts = sorted(out.parent.glob(f".{out.name}.part*.jsonl"))
+    if run.interrupted:
+        for p in parts:
+            p.unlink(missing_ok=True)
+        raise KeyboardInterrupt
+    info = {"description": "CLASP instance proposals (class-agnostic pseudo-labels)", "backbone": model.backbone.name,
+            "crf": not args.no_crf, "band_crf": cfg.refine_band, "max_per_image": args.max_per_image,
+            "min_area": args.min_area, "iou_threshold": args.iou_threshold,
+            **({"band": cfg.band} if cfg.refine_band else {})}
+    try:
+        summary = assemble_dataset(out, parts, info=info)
+    except OSError as exc:
+        raise CLIError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    failures = list(plan.missing) + summary["failures"]
+    dt = time.perf_counter() - t0
+    print(f"wrote {summary['annotations']} proposals of {summary['images']} image(s) to {out} in {dt:.1f}s; "
+          f"{len(failures)} failed", file=sys.stderr)
+    if failures:
+        print("failed inputs:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['path']}: {f['error']}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 # ----------------------------------------------------------------------------------- demo
@@ -465,6 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     _scale(e)
     e.set_defaults(func=cmd_eval)
+    pr = sub.add_parser("proposals",
+                        help="instance proposals of images as a COCO-format dataset (class-agnostic pseudo-labels)")
+    pr.add_argument("inputs", nargs="+", help="image files, folders, .tar shards and @LIST files, as in clasp segment")
+    pr.add_argument("--out", required=True, help="the COCO dataset file to write, e.g. proposals.json")
+    pr.add_argument("--max-per-image", type=int, default=100, help="best proposals kept per image (default 100)")
+    pr.add_argument("--min-area", type=int, default=64,
+                    help="fragments below this many pixels are merged into a neighbour (default 64)")
+    pr.add_argument("--iou-threshold", type=float, default=0.8,
+                    help="mask IoU above which a lower-scored proposal is dropped (default 0.8)")
+    pr.add_argument("--band-crf-pixels", type=int, default=2**14,
+                    help="working resolution of the CRF on the other K of the band (default 16384 pixels)")
+    pr.add_argument("--band-maps", type=int, default=None,
+                    help="refine at most this many K of each band, evenly spaced (default: all; fewer is faster)")
+    pr.add_argument("--no-band-crf", action="store_true",
+                    help="take the other K of the band as upsampled patch labels (no CRF; fastest)")
+    _common(pr)
+    _scale(pr)
+    pr.set_defaults(func=cmd_proposals)
     return parser
 
 
@@ -489,6 +576,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--num-nodes must be >= 1")
     if getattr(args, "limit", None) is not None and args.limit < 1:
         parser.error("--limit must be >= 1")
+    if getattr(args, "max_per_image", 1) < 1:
+        parser.error("--max-per-image must be >= 1")
+    if getattr(args, "min_area", 0) < 0:
+        parser.error("--min-area must be >= 0")
+    if getattr(args, "band_maps", None) is not None and args.band_maps < 1:
+        parser.error("--band-maps must be >= 1")
+    if getattr(args, "band_crf_pixels", 1) < 1:
+        parser.error("--band-crf-pixels must be >= 1")
     try:
         with quiet_third_party():
             return int(args.func(args))
