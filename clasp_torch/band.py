@@ -6,7 +6,7 @@ rarely follow an object's outline. :func:`refine_band_labels` refines all of the
 CRF call at a small working resolution (:func:`clasp_torch.crf_resolution.crf_refine_labels_bounded`:
 downscaled to at most ``max_pixels``, bandwidths scaled alike, bilinear marginals back to the
 input size), so their regions get pixel outlines at a fraction of the chosen K's CRF cost
-(measured in ``benchmarks/proposals.py``: RESULTS section 10).
+(measured in ``benchmarks/proposals.py``: RESULTS section 11).
 
 Example:
     >>> model = CLASP("efficientnet_lite0", keep_band_labels=True)  # doctest: +SKIP

@@ -281,7 +281,8 @@ def cmd_proposals(args: argparse.Namespace) -> int:
     model = _build_model(args, None if args.no_crf else "crf", keep_band_labels=True)  # every K of the band
     cfg = ProposalConfig(
         inputs=list(args.inputs), out=str(out), max_per_image=args.max_per_image, min_area=args.min_area,
-        refine_band=not (args.no_crf or args.no_band_crf), options={"iou_threshold": args.iou_threshold},
+        refine_band=not (args.no_crf or args.no_band_crf),
+        options={"iou_threshold": args.iou_threshold, "components_backend": args.components_backend},
         band={"max_pixels": args.band_crf_pixels, "max_maps": args.band_maps},
         batch_size=args.batch_size, num_workers=args.num_workers, accelerator=dev["accelerator"],
         devices=dev["devices"],
@@ -549,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refine at most this many K of each band, evenly spaced (default: all; fewer is faster)")
     pr.add_argument("--no-band-crf", action="store_true",
                     help="take the other K of the band as upsampled patch labels (no CRF; fastest)")
+    pr.add_argument("--components-backend", default="torch", choices=["torch", "kornia"],
+                    help="connected components: torch (one pass over each label map; default) or kornia "
+                         "(kornia.contrib.connected_components_union_find on one binary plane per label; "
+                         "the same result, 11-115x slower on a CPU)")
     _common(pr)
     _scale(pr)
     pr.set_defaults(func=cmd_proposals)

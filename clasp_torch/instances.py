@@ -105,7 +105,7 @@ class InstanceProposals(RegionProposals):
 
 def _map_sets(
     out: CLASPOutput, band_labels: tuple[Tensor, Tensor] | None, hierarchy: bool, use_pixel_labels: bool,
-    ry: Tensor, rx: Tensor, opts: tuple[int, str, bool, int],
+    ry: Tensor, rx: Tensor, opts: tuple[int, str, bool, int, str],
 ) -> list[MapSet]:
     """The regions of every label map of the batch (pixel maps at pixel level, patch maps on the grid)."""
     dev = ry.device
@@ -280,6 +280,7 @@ def instance_proposals(
     max_proposals: int | None = 100,
     score_weights: Mapping[str, float] | None = None,
     connectivity: int = 8,
+    components_backend: str = "torch",
     return_cues: bool = False,
 ) -> InstanceProposals | tuple[InstanceProposals, dict[str, Tensor]]:
     """Ranked instance proposals from a CLASP output (see the module docstring).
@@ -303,6 +304,8 @@ def instance_proposals(
         score_weights: weights of the cues of :func:`clasp_torch.ranking.proposal_cues`
             (default :data:`DEFAULT_SCORE_WEIGHTS`).
         connectivity: 4 or 8, for components, merging and holes.
+        components_backend: ``"torch"`` or ``"kornia"``, the implementation of the connected
+            components (:func:`clasp_torch.components.label_components`; the same result).
         return_cues: also return the cues of the returned proposals (``(B, S)`` each).
 
     Returns:
@@ -320,7 +323,8 @@ def instance_proposals(
     _, H, W = out.labels.shape
     _, h, w, _ = out.features.shape
     ry, rx = pixel_cells(out.grid_sizes.to(dev).long(), out.image_sizes.to(dev).long(), (h, w), (H, W))
-    sets = _map_sets(out, band_labels, hierarchy, use_pixel_labels, ry, rx, (min_area, small, fill_holes, connectivity))
+    opts = (min_area, small, fill_holes, connectivity, components_backend)
+    sets = _map_sets(out, band_labels, hierarchy, use_pixel_labels, ry, rx, opts)
     return _assemble(out, sets, ry, rx, iou_threshold, max_proposals,
                      DEFAULT_SCORE_WEIGHTS if score_weights is None else score_weights, return_cues)
 

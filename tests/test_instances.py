@@ -59,6 +59,61 @@ def test_components_equal_scipy_label(connectivity: int) -> None:
         assert firsts == sorted(firsts)
 
 
+def scipy_components(labels: np.ndarray, connectivity: int) -> np.ndarray:
+    """``label_components``'s exact ids by scipy: every label's ``ndimage.label`` components, numbered
+    per image in raster order of their first pixel (``-1`` on negative labels)."""
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    for b, lab in enumerate(labels):
+        comps = []
+        for s in np.unique(lab[lab >= 0]):
+            ref, nr = ndimage.label(lab == s, STRUCT[connectivity])
+            comps += [ref == i for i in range(1, nr + 1)]
+        comps.sort(key=lambda m: int(np.flatnonzero(m.ravel())[0]))
+        for i, m in enumerate(comps):
+            out[b][m] = i
+    return out
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_kornia_backend_equals_torch_and_scipy_ids(connectivity: int) -> None:
+    g = torch.Generator().manual_seed(connectivity)
+    maps = [torch.randint(-2, 5, (3, 17, 23), generator=g) * 7,  # noise: many diagonal-only contacts
+            blobs((2, 31, 40), 6, seed=5, smooth=1) - 1,  # blobs, label -1 as background
+            torch.full((2, 5, 6), -3), torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(0, 4, 4, dtype=torch.long)]
+    for lab in maps:
+        ref = scipy_components(lab.numpy(), connectivity)
+        n_ref = [int(r.max(initial=-1)) + 1 for r in ref]
+        for backend in ("torch", "kornia"):
+            comp, n = label_components(lab, connectivity, backend)
+            assert np.array_equal(comp.numpy(), ref), (backend, tuple(lab.shape))
+            assert n.tolist() == n_ref
+    with pytest.raises(ValueError, match="backend"):
+        label_components(maps[0], connectivity, "opencv")
+
+
+def test_kornia_backend_on_real_crf_label_maps(coco_dir) -> None:
+    """The chosen K's CRF labels and the band's CRF maps of a COCO dev image (downscaled for speed)."""
+    from clasp_torch.band import refine_band_labels
+    from clasp_torch.pipeline import CLASP
+    from tests.conftest import load_rgb
+
+    img = load_rgb(sorted((coco_dir / "images").glob("*.jpg"))[0])
+    img = F.interpolate(img[None].float(), size=(120, 160), mode="bilinear", antialias=True)[0].round().byte()
+    model = CLASP("efficientnet_lite0", keep_band_labels=True)
+    out = model([img])
+    band_labels = refine_band_labels([img], out)
+    band = band_labels[0][0][band_labels[0][0].flatten(1).amax(1) >= 0]  # the K of the image's band
+    assert len(band) > 3 and out.labels.max() > 0
+    for lab, conns in ((out.labels, (4, 8)), (band, (8,))):
+        for c in conns:
+            ref = scipy_components(lab.numpy(), c)
+            for backend in ("torch", "kornia"):
+                assert np.array_equal(label_components(lab, c, backend)[0].numpy(), ref), (backend, c)
+    torch_p = instance_proposals(out, band_labels=band_labels, max_proposals=None)
+    kornia_p = instance_proposals(out, band_labels=band_labels, max_proposals=None, components_backend="kornia")
+    assert torch.equal(torch_p.masks, kornia_p.masks) and torch.equal(torch_p.scores, kornia_p.scores)
+
+
 def test_adjacency_merge_and_holes() -> None:
     lab = torch.zeros(1, 12, 12, dtype=torch.long)
     lab[0, 3:9, 3:9] = 1  # a ring of 1 around a hole of 2, holding a speck of 3
@@ -292,3 +347,70 @@ def test_clasp_proposals_end_to_end(tmp_path: Path, capsys) -> None:
         assert all(coco.annToMask(a).shape == (im["height"], im["width"]) for a in anns)
     assert coco.dataset["categories"] == [{"id": 1, "name": "object"}]
     assert not list(out.parent.glob(".*"))  # no part files or temporaries left
+
+
+def test_clasp_proposals_shards_lists_and_flags(tmp_path: Path, capsys) -> None:
+    """A .tar shard (with a corrupt member) and an @LIST input; --no-crf, --min-area, --preset,
+    --weights, --batch-size, --components-backend; the progress bar; batch size 2 with the torch
+    components writes what batch size 1 with kornia's writes."""
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+
+    from clasp_torch.backbones.efficientnet import _packaged_weights_path
+    from clasp_torch.cli import main
+    from tests.conftest import photo
+    from tests.test_user_errors import _jpeg, _tar
+
+    shard = tmp_path / "s0.tar"
+    _tar(shard, {"a.jpg": _jpeg(0), "bad.jpg": b"\xff\xd8 corrupt", "000042.jpg": _jpeg(1)})
+    photo(2).save(tmp_path / "dog.jpg")
+    (tmp_path / "list.txt").write_text(f"{tmp_path / 'dog.jpg'}\n")
+    common = [str(shard), f"@{tmp_path / 'list.txt'}", "--backbone", "efficientnet_lite0", "--device", "cpu",
+              "--weights", _packaged_weights_path(), "--no-crf", "--min-area", "300", "--preset", "fast",
+              "--max-per-image", "5"]
+    runs = {}
+    for bs in (2, 1):
+        out = tmp_path / f"bs{bs}" / "proposals.json"
+        extra = ["--quiet", "--components-backend", "kornia"] if bs == 1 else []
+        rc = main(["proposals", *common, "--out", str(out), "--batch-size", str(bs), *extra])
+        captured = capsys.readouterr()
+        assert rc == 1 and "bad" in captured.err and "Traceback" not in captured.err
+        if bs == 2:
+            assert "Predicting" in captured.out + captured.err  # the progress bar (off with --quiet)
+        else:
+            assert "Predicting" not in captured.out + captured.err
+        coco = COCO(str(out))
+        assert coco.dataset["info"]["crf"] is False and coco.dataset["info"]["min_area"] == 300
+        runs[bs] = coco.dataset
+        imgs = {Path(im["file_name"]).name: im for im in coco.dataset["images"]}
+        assert set(imgs) == {"s0.tar:a", "s0.tar:000042", "dog.jpg"}
+        assert imgs["s0.tar:000042"]["id"] == 42 and {imgs["s0.tar:a"]["id"], imgs["dog.jpg"]["id"]} == {43, 44}
+        for im in imgs.values():
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=[im["id"]]))
+            assert 1 <= len(anns) <= 5 and all(a["area"] >= 300 for a in anns)
+        assert not list(out.parent.glob(".*"))
+    assert runs[1]["images"] == runs[2]["images"] and runs[1]["annotations"] == runs[2]["annotations"]
+
+
+def test_clasp_proposals_bad_weights_and_atomic_write(tmp_path: Path, capsys) -> None:
+    """--weights reaches the model (a missing file: one clean error); a failed write keeps the old file."""
+    pytest.importorskip("pycocotools")
+    from clasp_torch.cli import main
+    from clasp_torch.coco import write_coco_dataset
+    from tests.conftest import photo
+
+    photo(0).save(tmp_path / "a.jpg")
+    out = tmp_path / "proposals.json"
+    rc = main(["proposals", str(tmp_path / "a.jpg"), "--out", str(out), "--backbone", "efficientnet_lite0",
+               "--weights", str(tmp_path / "missing.pth"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.pth" in err and "Traceback" not in err and not out.exists()
+    out.write_text('{"old": true}')
+
+    def failing():
+        yield {"id": 1, "image_id": 1, "category_id": 1}
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_coco_dataset(out, [{"id": 1, "file_name": "a.jpg", "height": 2, "width": 2}], failing())
+    assert out.read_text() == '{"old": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", out.name]
