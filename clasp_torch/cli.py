@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--components-backend", default="torch", choices=["torch", "kornia"],
                     help="connected components: torch (one pass over each label map; default) or kornia "
                          "(kornia.contrib.connected_components_union_find on one binary plane per label; "
-                         "the same result, 11-115x slower on a CPU)")
+                         "the same result, 11-52x slower on a CPU)")
     _common(pr)
     _scale(pr)
     pr.set_defaults(func=cmd_proposals)

@@ -10,14 +10,14 @@
   Components are numbered ``0..n_b-1`` per image in raster order of their first pixel (the order
   of ``scipy.ndimage.label``).
 
-  ``backend="kornia"`` computes the same ids with kornia itself: the map one-hot encoded into
-  ``K`` binary planes, one :func:`~kornia.contrib.connected_components_union_find` call on all of
-  them (kornia is 8-connected only; 4-connectivity runs it on a 2x grid in which no diagonal
+  ``backend="kornia"`` computes the same ids with kornia itself: each map one-hot encoded into
+  one binary plane per label it holds, one :func:`~kornia.contrib.connected_components_union_find`
+  call on all of them (kornia is 8-connected only; 4-connectivity runs it on a 2x grid in which no diagonal
   contact survives, :func:`_diagonal_free`), its ids renumbered. It is not the default, by
   measurement (``python -m benchmarks.components``, one thread, this 2-core CPU; RESULTS
-  section 11): kornia / torch = 11-35x on 640 x 480 maps of 5-15 labels and 12x on the CRF label
-  maps of the COCO dev images (8-connected; 97-306x 4-connected), 42x on one image's band of 17
-  maps at the CRF's 2**14 pixels and 115x on the same band at image size (what ``clasp proposals``
+  section 11): kornia / torch = 11-29x on 640 x 480 maps of 5-15 labels and 13x on the CRF label
+  maps of the COCO dev images (8-connected; 82-328x 4-connected), 21x on one image's band of 17
+  maps at the CRF's 2**14 pixels and 52x on the same band at image size (what ``clasp proposals``
   labels). The reason: ``K`` binary planes are ``K`` times the pixels and edges of one pass over
   the ``K``-label map, and kornia's union-find hooks four edges per 2x2 block where the run-based
   one keeps about one per touching pair of runs.
@@ -123,7 +123,7 @@ def _diagonal_free(planes: Tensor) -> Tensor:
 def _label_kornia(lab: Tensor, fg: Tensor, connectivity: int) -> tuple[Tensor, Tensor]:
     """:func:`label_components` by :func:`kornia.contrib.connected_components_union_find`.
 
-    The labels are one-hot encoded into ``B * K`` binary planes (``K`` distinct labels, compacted),
+    The labels are one-hot encoded into binary planes, one per (image, label) that occurs, all
     labelled in one call (4-connectivity through :func:`_diagonal_free`), and kornia's ids (the
     smallest 1-based 2x2-block index of each component) are renumbered in raster order of the
     components' first pixels, per image.
@@ -136,14 +136,19 @@ def _label_kornia(lab: Tensor, fg: Tensor, connectivity: int) -> tuple[Tensor, T
     K = len(values)
     dense = torch.full_like(lab, -1)
     dense[fg] = inv
-    planes = dense.unsqueeze(1) == torch.arange(K, device=dev).view(1, K, 1, 1)  # (B, K, H, W)
+    present = torch.zeros(B * K, dtype=torch.bool, device=dev)
+    b_fg = torch.arange(B, device=dev).view(B, 1, 1).expand(B, H, W)[fg]
+    present[b_fg * K + inv] = True  # only the (image, label) planes that occur
+    plane = torch.cumsum(present.long(), 0) - 1
+    which = present.nonzero().squeeze(1)
+    planes = dense[which // K] == (which % K).view(-1, 1, 1)  # (P, H, W)
     if connectivity == 4:
         planes = _diagonal_free(planes)
-    cc = connected_components_union_find(planes.reshape(B * K, 1, *planes.shape[-2:])).view(planes.shape)
+    cc = connected_components_union_find(planes.unsqueeze(1)).squeeze(1)
     if connectivity == 4:
         cc = cc[..., ::2, ::2]
-    raw = cc.gather(1, dense.clamp_min(0).unsqueeze(1)).squeeze(1)[fg]  # kornia's id of every foreground pixel
     pix = torch.arange(B * H * W, device=dev).view(B, H, W)[fg]
+    raw = cc.reshape(len(which), H * W)[plane[b_fg * K + inv], pix % (H * W)]  # kornia's id of every fg pixel
     roots, local = torch.unique(raw, return_inverse=True)
     first = torch.full((len(roots),), B * H * W, dtype=torch.long, device=dev).scatter_reduce_(0, local, pix, "amin")
     order = torch.argsort(first)
