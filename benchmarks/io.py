@@ -51,10 +51,14 @@ from clasp_torch.viz import (
     colorize,
     encode_overlay_jpeg,
     label_png_bytes,
+    overlay_array,
     overlay_image,
     overlay_tensor,
+    palette,
 )
 from clasp_torch.writers import SegmentationWriter, _uint8_labels, default_writer_threads, safe_output_path
+
+PALETTE = palette(256).reshape(-1).tolist()
 
 
 def dev_image_paths(tmp: str) -> list[str]:
@@ -126,6 +130,28 @@ class StubCLASP(nn.Module):
         return _StubOutput([self._labels(im) for im in images])
 
 
+def pillow_jpeg(im: Image.Image | np.ndarray) -> bytes:
+    """The overlay JPEG as main encoded it before (Pillow, q90; it holds the GIL)."""
+    import io
+
+    buf = io.BytesIO()
+    (im if isinstance(im, Image.Image) else Image.fromarray(np.ascontiguousarray(im))).save(buf, format="JPEG",
+                                                                                           quality=90)
+    return buf.getvalue()
+
+
+def pillow_label_png(labels: Tensor | np.ndarray, compress_level: int) -> bytes:
+    """The label PNG as main encoded it before (Pillow's PNG encoder, palette image)."""
+    import io
+
+    lab = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    im = Image.fromarray(lab.astype(np.uint8), "L")
+    im.putpalette(PALETTE)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=compress_level)
+    return buf.getvalue()
+
+
 class LegacyFileSource(FileSource):
     """Main's decoding before this change (62a77b9): every file through Pillow (``load_image``)."""
 
@@ -151,8 +177,8 @@ class LegacyWriter(SegmentationWriter):
             lab = labels.numpy()
             out = 0.5 * img.astype(np.float32) + 0.5 * colorize(lab).astype(np.float32)
             out[boundaries(lab)] = 255
-            atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(out.clip(0, 255).astype(np.uint8)))
-        atomic_write_bytes(base + ".png", label_png_bytes(labels, compress_level=6))
+            atomic_write_bytes(base + "_overlay.jpg", pillow_jpeg(out.clip(0, 255).astype(np.uint8)))
+        atomic_write_bytes(base + ".png", pillow_label_png(labels, compress_level=6))
 
 
 def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
@@ -178,7 +204,7 @@ def measure_parts(paths: list[str], device: str) -> dict[str, float]:
         img, lab = pair[0].permute(1, 2, 0).numpy(), pair[1].numpy()
         out = 0.5 * img.astype(np.float32) + 0.5 * colorize(lab).astype(np.float32)
         out[boundaries(lab)] = 255
-        return encode_overlay_jpeg(out.clip(0, 255).astype(np.uint8))
+        return pillow_jpeg(out.clip(0, 255).astype(np.uint8))
 
     def tv_overlay(pair: tuple[Tensor, Tensor]) -> bytes:
         from torchvision.io import encode_jpeg
@@ -189,8 +215,10 @@ def measure_parts(paths: list[str], device: str) -> dict[str, float]:
         "decode_cpu": _median_ms(lambda p: decode_image(Path(p).read_bytes(), p), paths),
         "decode_cpu_before": _median_ms(load_image, paths),
         "label_png": _median_ms(lambda p: label_png_bytes(_uint8_labels(p[1])), pairs),
-        "label_png_zlib6_before": _median_ms(lambda p: label_png_bytes(p[1], compress_level=6), pairs),
-        "overlay": _median_ms(lambda p: encode_overlay_jpeg(overlay_image(p[0], _uint8_labels(p[1]))), pairs),
+        "label_png_pillow": _median_ms(lambda p: pillow_label_png(_uint8_labels(p[1]), 1), pairs),
+        "label_png_zlib6_before": _median_ms(lambda p: pillow_label_png(p[1], compress_level=6), pairs),
+        "overlay": _median_ms(lambda p: encode_overlay_jpeg(overlay_array(p[0], _uint8_labels(p[1]))), pairs),
+        "overlay_pillow": _median_ms(lambda p: pillow_jpeg(overlay_image(p[0], _uint8_labels(p[1]))), pairs),
         "overlay_before": _median_ms(legacy_overlay, pairs),
         "overlay_torch_encode_jpeg": _median_ms(tv_overlay, pairs),
         "parquet_row": _median_ms(lambda p: segment_rows(p[1]), pairs),
@@ -220,7 +248,7 @@ def _format_work(fmt: str) -> Any:
             return
         lab8 = _uint8_labels(lab)
         if fmt == "png":
-            encode_overlay_jpeg(overlay_image(img, lab8))
+            encode_overlay_jpeg(overlay_array(img, lab8))
         label_png_bytes(lab8)
 
     return work

@@ -473,7 +473,8 @@ def _scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: 1 on a CPU, where batches only add padding; 8 on a GPU)")
     p.add_argument("--num-workers", type=_workers, default="auto",
-                   help="DataLoader worker processes that decode the inputs (default auto: min(8, usable CPUs - 1))")
+                   help="DataLoader worker processes that decode the inputs (default auto: min(8, usable CPUs - 1); "
+                        "with at most 2 usable CPUs, 2 decode threads in the main process instead)")
     p.add_argument("--devices", type=int, default=None, help="number of devices (processes) per node")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
@@ -512,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one part per shard or per 10,000 files")
     s.add_argument("--embeddings", action="store_true", help="parquet: each segment's mean patch feature")
     s.add_argument("--writer-threads", type=int, default=None,
-                   help="threads that encode and write outputs (default min(8, usable CPUs - 1); "
+                   help="threads that encode and write outputs (default min(8, max(2, usable CPUs)); "
                         "0: in the predict loop)")
     s.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs on the GPU (torchvision, CUDA only)")
     s.add_argument("--no-overlay", action="store_true", help="write label maps only")

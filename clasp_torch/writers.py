@@ -4,8 +4,12 @@
 *enqueues* each finished image; a :class:`BackgroundPool` of threads encodes and writes it (PNG
 label map, JPEG overlay, JSON, or a Parquet row). The queue is bounded: when ``max_pending``
 images wait, the predict loop blocks (back-pressure), so memory never grows with the number of
-inputs. Threads rather than processes: the encoders (zlib, libjpeg-turbo, pycocotools, torch ops)
-release the GIL, and threads need no copy of the label maps (measured in ``benchmarks/io.py``).
+inputs. Threads rather than processes: the encoders (zlib for the label PNG, libjpeg-turbo through
+simplejpeg for the overlay, NumPy for its compositing, pycocotools) release the GIL, and threads
+need no copy of the label maps. Measured on this project's 2-core VM (``benchmarks/io.py``,
+RESULTS.md section 9): a worker *process* that received each image and label map cost about
+4.6 ms of transfer per 640x480 image and ran the encoders 1.6x slower than in-process, a loss
+against threads once the encoders stopped holding the GIL.
 
 Nothing is marked done before it is complete on disk: in ``png`` format the label map
 ``<name>.png`` is written last, after the overlay and JSON; in ``parquet`` format the part file
@@ -30,7 +34,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from .inputs import safe_output_path
-from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_image
+from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_array
 
 __all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs",
            "default_writer_threads"]
@@ -285,7 +289,7 @@ class SegmentationWriter(BasePredictionWriter):
         if self.overlays:
             ov = rec.get("overlay")  # composited on the GPU by the predictor, or here
             if ov is None:
-                ov = overlay_image(rec["image"], lab)
+                ov = overlay_array(rec["image"], lab)
             atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(ov))
         if self.stats_json:
             info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}

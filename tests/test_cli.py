@@ -115,9 +115,14 @@ def test_preset_flag_reaches_the_model_on_every_command() -> None:
     from clasp_torch.cli import _build_model, build_parser
 
     parser = build_parser()
-    for argv in (["segment", "x.jpg", "--out", "o"], ["eval", "--dataset", "ade20k", "--root", "r"], ["demo"]):
+    for argv in (["segment", "x.jpg", "--out", "o"], ["eval", "--dataset", "ade20k", "--root", "r"], ["demo"],
+                 ["proposals", "x.jpg", "--out", "p.json"]):
         assert parser.parse_args(argv).preset == "paper"
         assert parser.parse_args(argv + ["--preset", "fast"]).preset == "fast"
     args = parser.parse_args(["segment", "x.jpg", "--out", "o", "--backbone", "efficientnet_lite0", "--preset", "best"])
     model = _build_model(args, None)
     assert model.settings.preset == "best" and model.smoothing is not None
+    args = parser.parse_args(["proposals", "x.jpg", "--out", "p.json", "--backbone", "efficientnet_lite0",
+                              "--preset", "fast"])
+    model = _build_model(args, None, keep_band_labels=True)  # as cmd_proposals builds it
+    assert model.settings.preset == "fast" and model.settings.n_init == 1 and model.smoothing is not None

@@ -384,7 +384,7 @@ def test_decode_image_equals_pillow_on_real_photos_and_exif(tmp_path: Path) -> N
 
 
 def test_overlay_fast_path_equals_the_float_blend() -> None:
-    from clasp_torch.viz import boundaries, colorize, overlay, overlay_tensor
+    from clasp_torch.viz import boundaries, colorize, overlay, overlay_array, overlay_tensor
 
     rng = np.random.default_rng(1)
     for trial in range(15):
@@ -396,6 +396,45 @@ def test_overlay_fast_path_equals_the_float_blend() -> None:
         ref = ref.clip(0, 255).astype(np.uint8)
         assert np.array_equal(overlay(img, lab), ref)
         assert np.array_equal(overlay_tensor(img, lab).permute(1, 2, 0).numpy(), ref)
+        assert np.array_equal(overlay_array(img, lab), ref)
+
+
+@pytest.mark.parametrize("shape,n,level", [((1, 1), 1, 1), ((37, 53), 5, 1), ((480, 640), 12, 1),
+                                           ((300, 17000), 200, 1), ((512, 512), 256, 6)])
+def test_label_png_bytes_equal_pillows_palette_png(shape: tuple[int, int], n: int, level: int) -> None:
+    """The zlib-written label PNG is Pillow's file byte for byte (noisy maps: several IDAT chunks)."""
+    from clasp_torch.viz import label_png_bytes, palette
+
+    rng = np.random.default_rng(n)
+    lab = rng.integers(0, n, shape).astype(np.uint8)
+    if n == 12:  # blocky, like a real label map
+        lab = (np.add.outer(np.arange(shape[0]) // 37, np.arange(shape[1]) // 53) % n).astype(np.uint8)
+    im = Image.fromarray(lab, "L")
+    im.putpalette(palette(256).reshape(-1).tolist())
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False, compress_level=level)
+    ours = label_png_bytes(lab, compress_level=level)
+    assert ours == buf.getvalue()
+    back = Image.open(io.BytesIO(ours))
+    assert back.mode == "P" and np.array_equal(np.asarray(back), lab)
+    with pytest.raises(ValueError):
+        label_png_bytes(np.full((2, 2), 256))
+
+
+def test_overlay_jpeg_decodes_as_close_to_its_pixels_as_pillows() -> None:
+    from clasp_torch.viz import encode_overlay_jpeg, overlay_array
+
+    img = torch.from_numpy(np.asarray(photo(3, 120, 160))).permute(2, 0, 1)
+    lab = torch.from_numpy(np.add.outer(np.arange(120) // 30, np.arange(160) // 40) % 5)
+    ov = overlay_array(img, lab)
+    buf = io.BytesIO()
+    Image.fromarray(ov).save(buf, format="JPEG", quality=90)
+    pillow_err = np.abs(np.asarray(Image.open(buf)).astype(int) - ov).mean()
+    for x in (ov, torch.from_numpy(ov).permute(2, 0, 1), Image.fromarray(ov)):
+        data = encode_overlay_jpeg(x)
+        back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+        assert data[:2] == b"\xff\xd8" and back.shape == ov.shape
+        assert np.abs(back - ov).mean() <= 1.1 * pillow_err
 
 
 def test_raw_jpeg_items_are_decoded_in_predict_step_with_fallback(tmp_path: Path) -> None:
