@@ -19,6 +19,8 @@
 # 9. benchmarks.io on CUDA (host cost per image by part, GPU JPEG decoding, sustained images/s of
 #    the clasp segment path with a stub model) and benchmarks.segment_e2e (clasp segment end to end
 #    on CUDA against CLASP.forward alone on the same images),
+# 10. clasp proposals on CUDA over the COCO dev images (or skimage's photos), timed, and its recall
+#    (benchmarks.proposals --eval) when the dev data is there,
 # and writes every log / CSV / JSON / markdown / trace / plot into a work folder, then packs it as
 # ONE archive $OUT/gpu_check_logs.tar.gz beside the short summary $OUT/gpu_check_summary.txt (the
 # device returns at most 8 files). $OUT defaults to benchmarks/out.
@@ -114,6 +116,19 @@ step "benchmarks.segment_e2e (clasp segment end to end on CUDA vs CLASP.forward 
 within 90 "$PY" -m benchmarks.segment_e2e --device $DEV --backbone dinov2_vits14_reg --images $IMG_E2E $E2E_BS \
   --json "$OUTDIR/segment_e2e_cuda.json" 2>&1 | tee "$OUTDIR/segment_e2e_cuda.log" || status=1
 
+step "clasp proposals on CUDA (instances + K-band hierarchy + scoring; time per image, COCO file)"
+PROP_IN="../shared/data/cocostuff-val-dev/images"; PROP_EXTRA=""
+[ "${DRY_RUN:-0}" = "1" ] && PROP_IN="" && PROP_EXTRA="--no-crf"
+[ -n "$PROP_IN" ] && [ -d "$PROP_IN" ] || PROP_IN="$("$PY" -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data"))')"
+PROP_T0=$SECONDS
+within 90 "$PY" -m clasp_torch.cli proposals "$PROP_IN" --out "$OUTDIR/proposals_cuda.json" --device $DEV \
+  --backbone efficientnet_lite0 --batch-size 4 --quiet $PROP_EXTRA 2>&1 | tail -n 5 | tee "$OUTDIR/proposals_cuda.log" || status=1
+echo "clasp proposals wall s (model load included): $((SECONDS - PROP_T0))" | tee -a "$OUTDIR/proposals_cuda.log"
+if [ -f "$OUTDIR/proposals_cuda.json" ] && [ "${DRY_RUN:-0}" != "1" ] && [ -d ../shared/data/cocostuff-val-dev ]; then
+  within 60 "$PY" -m benchmarks.proposals --eval "$OUTDIR/proposals_cuda.json" --json "$OUTDIR/proposals_cuda_eval.json" \
+    2>&1 | tail -n 12 | tee -a "$OUTDIR/proposals_cuda.log" || status=1
+fi
+
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
   step "stage tests on the GPU (spectral, clustering, CRF, stage Modules; --device cuda, float32 and float64)"
   within 90 "$PY" -m pytest -q -x -p no:cacheprovider --device $DEV --dtype all tests/test_stages.py \
@@ -166,6 +181,15 @@ if os.path.exists(p):
     print(f"clasp segment end to end ({d['backbone']}, CRF {d['crf']}, batch {d['batch_size']}): "
           f"{d['segment_images_per_s']:.1f} img/s vs CLASP.forward alone {d['forward_images_per_s']:.1f} img/s "
           f"(segment/forward time {d['segment_over_forward']:.2f})")
+p = os.path.join(out, "proposals_cuda.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    print(f"clasp proposals: {len(d['annotations'])} proposals of {len(d['images'])} images (wall time in proposals_cuda.log)")
+p = os.path.join(out, "proposals_cuda_eval.json")
+if os.path.exists(p):
+    d = json.load(open(p))
+    print(f"clasp proposals recall on the COCO dev images: AR@1 {d['AR@1']:.1f} AR@10 {d['AR@10']:.1f} "
+          f"AR@100 {d['AR@100']:.1f} AP50 {d['AP50']:.1f} (CPU: see README)")
 EOF
 cp "$OUTDIR/gpu_check_summary.log" "$FINAL/gpu_check_summary.txt" 2>/dev/null || true
 echo "elapsed $(( $(date +%s) - T0 ))s of a ${BUDGET_S}s budget; exit status $status" | tee -a "$FINAL/gpu_check_summary.txt"

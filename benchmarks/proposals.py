@@ -32,6 +32,8 @@ Usage::
         [--max-seconds 480]     # one invocation's budget: the cache fills over several runs (exit 3)
     python -m benchmarks.proposals --sweep min_area=0,64,256,512 --sweep iou_threshold=0.5,0.7,0.9
     python -m benchmarks.proposals --fit     # the score's weights, and each half's fit on the other half
+    clasp proposals ../shared/data/cocostuff-val-dev/images --out /tmp/props.json --backbone efficientnet_lite0
+    python -m benchmarks.proposals --eval /tmp/props.json --json benchmarks/out/proposals_cli.json
 """
 
 from __future__ import annotations
@@ -350,6 +352,30 @@ def fit_weights(tables: list[tuple[np.ndarray, np.ndarray]], idx: list[int]) -> 
     return {n: round(float(v), 4) for n, v in zip(CUE_NAMES, w)}
 
 
+def evaluate_file(path: Path, paths: list[Path], out_json: Path) -> int:
+    """AR@1/10/100 and AP50 of a ``clasp proposals`` file against the approximate instances of the
+    dev images (matched by ``file_name``; dev images missing from the file count as no proposal)."""
+    from PIL import Image
+
+    dataset = json.loads(path.read_text())
+    by_name = {im["file_name"]: im["id"] for im in dataset["images"]}
+    ids = list(range(1, len(paths) + 1))
+    labels = [np.array(Image.open(p.parent.parent / "labels" / f"{p.stem}.png")) for p in paths]
+    images = [{"id": i, "file_name": p.name, "height": int(lab.shape[0]), "width": int(lab.shape[1])}
+              for i, p, lab in zip(ids, paths, labels)]
+    gt = coco_ground_truth(images, [thing_instances(lab) for lab in labels])
+    ours = {by_name[p.name]: i for i, p in zip(ids, paths) if p.name in by_name}
+    dets = [{"image_id": ours[a["image_id"]], "category_id": 1, "segmentation": a["segmentation"],
+             "score": a["score"]} for a in dataset["annotations"] if a["image_id"] in ours]
+    res = evaluate(gt, dets)
+    report = {"file": str(path), "images": len(paths), "images_in_file": len(ours),
+              "proposals_per_image": len(dets) / max(len(ours), 1), **res}
+    print(json.dumps(report, indent=1))
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -363,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="append", default=[], help="NAME=V1,V2,...: +scoring with each value (JSON)")
     ap.add_argument("--split", action="store_true", help="also report the even and odd images apart")
     ap.add_argument("--fit", action="store_true", help="fit the score's weights (logistic regression on the cues)")
+    ap.add_argument("--eval", default=None, metavar="FILE",
+                    help="only evaluate a COCO dataset file written by `clasp proposals` on the dev images")
     args = ap.parse_args(argv)
     deadline = time.time() + args.max_seconds
     paths = _image_list(Path(args.data), args.limit)
     if not paths:
         print(f"no dev images under {args.data}", file=sys.stderr)
         return 2
+    if args.eval:
+        out = Path(args.json)
+        if args.json == ap.get_default("json"):  # never overwrite the variants' table
+            out = out.with_name("proposals_cli.json")
+        return evaluate_file(Path(args.eval), paths, out)
     cache = Path(args.cache)
     if not (fill_cache(paths, cache, deadline, args.threads) and fill_band(paths, cache, deadline, args.threads)
             and fill_maskcut(paths, cache, deadline, args.threads)):
