@@ -118,8 +118,13 @@ within 90 "$PY" -m benchmarks.segment_e2e --device $DEV --backbone dinov2_vits14
 
 step "clasp proposals on CUDA (instances + K-band hierarchy + scoring; time per image, COCO file)"
 PROP_IN="../shared/data/cocostuff-val-dev/images"; PROP_EXTRA=""
-[ "${DRY_RUN:-0}" = "1" ] && PROP_IN="" && PROP_EXTRA="--no-crf"
-[ -n "$PROP_IN" ] && [ -d "$PROP_IN" ] || PROP_IN="$("$PY" -c 'import skimage, os; print(os.path.join(os.path.dirname(skimage.__file__), "data"))')"
+if [ "${DRY_RUN:-0}" = "1" ] || [ ! -d "$PROP_IN" ]; then  # a few of skimage's photos (an @LIST file)
+  "$PY" -c 'import skimage, os; d = os.path.join(os.path.dirname(skimage.__file__), "data")
+print("\n".join(os.path.join(d, f) for f in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")))' \
+    > "$OUTDIR/proposals_inputs.txt"
+  PROP_IN="@$OUTDIR/proposals_inputs.txt"
+fi
+[ "${DRY_RUN:-0}" = "1" ] && PROP_EXTRA="--no-crf"
 PROP_T0=$SECONDS
 within 90 "$PY" -m clasp_torch.cli proposals "$PROP_IN" --out "$OUTDIR/proposals_cuda.json" --device $DEV \
   --backbone efficientnet_lite0 --batch-size 4 --quiet $PROP_EXTRA 2>&1 | tail -n 5 | tee "$OUTDIR/proposals_cuda.log" || status=1
