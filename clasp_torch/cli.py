@@ -1,4 +1,5 @@
-"""Command line: ``clasp segment``, ``clasp proposals``, ``clasp demo``, ``clasp eval``.
+"""Command line: ``clasp segment``, ``clasp proposals``, ``clasp demo``, ``clasp eval`` (the last two in
+:mod:`clasp_torch.cli_eval`; shared helpers in :mod:`clasp_torch.cli_common`).
 
 User errors (missing weights, bad arguments, unreadable inputs) are reported in one
 paragraph or one line per input, never as a Python traceback.
@@ -7,117 +8,28 @@ paragraph or one line per input, never as a Python traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .cli_common import (  # noqa: F401  (re-exported: tests and users import them from here)
+    CLIError,
+    build_model,
+    default_batch_size,
+    device_args,
+    prepare_out_dir,
+    quiet_third_party,
+)
+from .cli_eval import cmd_demo, cmd_eval, demo_images  # noqa: F401
 
 __all__ = ["main", "build_parser"]
 
 
-class CLIError(Exception):
-    """An error explained to the user in one paragraph (exit code 2)."""
-
-
-# ----------------------------------------------------------------------------------- helpers
-_NOISY_MODULES = (r"(lightning|lightning_fabric|pytorch_lightning|lightning_utilities|torch|torchvision|timm"
-                  r"|torchmetrics)(\.|$)")
-_LIGHTNING_INFO_LOGGERS = (
-    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-    "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
-)
-
-
-@contextlib.contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """The CLI's terminal filter: hides Lightning's info lines and tips ("GPU available", "Tip: ...
-    litlogger") and deprecation warnings raised inside the dependencies; anything else (our own
-    warnings, other warnings of the dependencies, errors) still reaches the user. Only the CLI
-    uses it: the library itself never filters warnings globally."""
-    saved = [(lg, lg.level) for lg in map(logging.getLogger, _LIGHTNING_INFO_LOGGERS)]
-    with warnings.catch_warnings():
-        for cat in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=cat, module=_NOISY_MODULES)
-        for lg, _ in saved:
-            lg.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for lg, level in saved:
-                lg.setLevel(level)
-
-
-
-def _device_args(device: str, devices: int | None) -> dict[str, Any]:
-    import torch
-
-    dev = device.lower()
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device} was requested but no CUDA GPU is available; use --device cpu")
-        if ":" in dev:
-            return {"accelerator": "gpu", "devices": [int(dev.split(":")[1])]}
-        return {"accelerator": "gpu", "devices": devices or 1}
-    if dev == "cpu":
-        return {"accelerator": "cpu", "devices": devices or 1}
-    raise CLIError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
-
-
-def default_batch_size(device: str) -> int:
-    """1 on a CPU (the clustering problems of a batch are padded, so batching costs time there), 8
-    on a GPU (``device``: auto, cpu, cuda or cuda:N)."""
-    import torch
-
-    dev = device.lower()
-    on_gpu = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
-    return 8 if on_gpu else 1
-
-
-def _build_model(args: argparse.Namespace, refiner: str | None, **extra: Any):
-    from .backbones import WeightsUnavailableError
-    from .pipeline import CLASP
-
-    try:
-        return CLASP(
-            args.backbone,
-            weights=args.weights,
-            refiner=refiner,
-            max_patches=args.max_patches,
-            fixed_k=getattr(args, "fixed_k", None),
-            seed=args.seed,
-            k_selector=getattr(args, "k_selector", "eigengap"),
-            preset=getattr(args, "preset", "paper"),
-            **({"crf_max_pixels": args.crf_max_pixels} if getattr(args, "crf_max_pixels", None) else {}),
-            **extra,
-        )
-    except WeightsUnavailableError as exc:
-        raise CLIError(str(exc)) from None
-    except (ValueError, FileNotFoundError) as exc:
-        raise CLIError(str(exc)) from None
-
-
 # ----------------------------------------------------------------------------------- segment
-def _prepare_out_dir(out: Path) -> None:
-    """Create the output folder and make sure files can be written in it (else CLIError)."""
-    import tempfile
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".clasp_write_test.", suffix=".tmp", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise CLIError(f"cannot write to the output folder {str(out)!r}: {exc.strerror or exc}") from None
-
-
 def _previous_failures(report_path: Path) -> set[str]:
     try:
         rep = json.loads(report_path.read_text(encoding="utf-8"))
@@ -153,13 +65,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .writers import read_logs
 
     out = Path(args.out)
-    dev = _device_args(args.device, args.devices)  # before the (slow) model build
+    dev = device_args(args.device, args.devices)  # before the (slow) model build
     if args.gpu_decode and dev["accelerator"] != "gpu":
         print("--gpu-decode: no CUDA device in this run; decoding on the CPU", file=sys.stderr)
         args.gpu_decode = False
     plan = plan_inputs(args.inputs, out)
     _refuse_collisions(plan)
-    _prepare_out_dir(out)
+    prepare_out_dir(out)
     cfg = _segment_config(args, dev)
     # in a Parquet folder the report is "_clasp_report.json": readers skip "_" and "." files
     default_report = "_clasp_report.json" if args.format == "parquet" else "clasp_report.json"
@@ -168,7 +80,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"left out {plan.excluded} file(s) under the output folder {out}", file=sys.stderr)
     for m in plan.missing:
         print(f"failed {m['path']}: {m['error']}", file=sys.stderr)
-    model = _build_model(args, None if args.no_crf else "crf")
+    model = build_model(args, None if args.no_crf else "crf")
     try:
         run = build_segment_run(cfg, model, plan)
     except Exception as exc:  # Lightning's MisconfigurationException, ValueError, ...
@@ -268,17 +180,17 @@ def cmd_proposals(args: argparse.Namespace) -> int:
         raise CLIError("clasp proposals needs the package pycocotools: "
                        "pip install 'clasp-torch[collection]'") from None
     out = Path(args.out)
-    dev = _device_args(args.device, args.devices)
+    dev = device_args(args.device, args.devices)
     plan = plan_inputs(args.inputs, None)
     if plan.collisions:
         lines = "\n".join(f"  {c}" for c in plan.collisions)
         raise CLIError(f"{len(plan.collisions)} image name(s) are claimed by more than one input (names are paths "
                        "relative to the inputs' common folder, suffix dropped); rename or give them in separate "
                        f"runs:\n{lines}")
-    _prepare_out_dir(out.parent if str(out.parent) else Path("."))
+    prepare_out_dir(out.parent if str(out.parent) else Path("."))
     for m in plan.missing:
         print(f"failed {m['path']}: {m['error']}", file=sys.stderr)
-    model = _build_model(args, None if args.no_crf else "crf", keep_band_labels=True)  # every K of the band
+    model = build_model(args, None if args.no_crf else "crf", keep_band_labels=True)  # every K of the band
     cfg = ProposalConfig(
         inputs=list(args.inputs), out=str(out), max_per_image=args.max_per_image, min_area=args.min_area,
         refine_band=not (args.no_crf or args.no_band_crf),
@@ -323,133 +235,6 @@ def cmd_proposals(args: argparse.Namespace) -> int:
         for f in failures:
             print(f"  {f['path']}: {f['error']}", file=sys.stderr)
     return 1 if failures else 0
-
-
-# ----------------------------------------------------------------------------------- demo
-def demo_images() -> dict[str, Any]:
-    """A few real photos from ``skimage.data`` as uint8 ``(3, H, W)`` tensors."""
-    import numpy as np
-    import torch
-    from skimage import data
-
-    out = {}
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        arr = np.asarray(getattr(data, name)())
-        out[name] = torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1).contiguous()
-    return out
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from .backbones import WeightsUnavailableError
-    from .pipeline import CLASP
-    from .viz import overlay, save_image_atomic
-
-    out = Path(args.out)
-    try:
-        model = CLASP(args.backbone, weights=args.weights, max_patches=args.max_patches, seed=args.seed,
-                      preset=args.preset)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    except WeightsUnavailableError as exc:
-        if args.backbone not in ("dinov2_vits14_reg", "dinov2"):
-            raise CLIError(str(exc)) from None
-        print(
-            "WARNING: DINOv2 weights are not available here (" + str(exc).split(".")[0] + ").\n"
-            "WARNING: falling back to the offline stand-in backbone efficientnet_lite0 "
-            "(ImageNet EfficientNet-Lite0; NOT the paper's backbone).",
-            file=sys.stderr,
-        )
-        model = CLASP("efficientnet_lite0", max_patches=args.max_patches, seed=args.seed, preset=args.preset)
-    import torch
-
-    device = "cuda" if (args.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu"
-    model = model.to(device)
-    imgs = demo_images()
-    res = model(list(imgs.values()))
-    rows, caps = [], []
-    for i, (name, im) in enumerate(imgs.items()):
-        coarse = res.coarse_labels[i, : im.shape[1], : im.shape[2]]
-        fine = res.label_map(i)
-        rows.append([im.permute(1, 2, 0).numpy(), overlay(im, coarse), overlay(im, fine)])
-        caps.append(f"{name}: K_opt={int(res.k_opt[i])}, K={int(res.k[i])}  |  input / patch labels / after dense CRF")
-        save_image_atomic(Image.fromarray(overlay(im, fine)), out / f"{name}_overlay.jpg", quality=90)
-    from .viz import contact_sheet
-
-    sheet = contact_sheet(rows, caps)
-    path = out / "demo_contact_sheet.png"
-    save_image_atomic(sheet, path)
-    print(f"backbone {model.backbone.name}: wrote {path}", file=sys.stderr)
-    return 0
-
-
-# ----------------------------------------------------------------------------------- eval
-def _settings_summary(model: Any) -> dict[str, Any]:
-    """The resolved settings that differ between presets or that the user set, for the eval report."""
-    st = model.settings
-    keys = ("preset", "n_init", "max_iter", "tol", "smoothing", "smoothing_sigma", "beta", "fixed_k", "k_selector",
-            "max_patches", "seed")
-    out = {k: getattr(st, k) for k in keys}
-    if st.smoothing == "none":
-        out.pop("smoothing_sigma")
-    return out
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, Subset
-
-    from .data import SegmentationDataset, collate_images
-    from .lightning import CLASPPredictor
-
-    try:
-        ds = SegmentationDataset(args.root, dataset=args.dataset, coarse=args.coarse)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
-    if args.limit:
-        ds = Subset(ds, range(min(args.limit, len(ds))))  # type: ignore[assignment]
-    num_classes = (ds.dataset if isinstance(ds, Subset) else ds).num_classes
-    model = _build_model(args, None if args.no_crf else "crf")
-    predictor = CLASPPredictor(model, num_classes=num_classes)
-    from .segment_run import default_num_workers
-
-    workers = default_num_workers() if args.num_workers == "auto" else args.num_workers
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_images)
-    trainer = pl.Trainer(**_device_args(args.device, args.devices), strategy=args.strategy, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=not args.quiet)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        res = trainer.test(predictor, loader, verbose=False)[0]
-    dt = time.perf_counter() - t0
-    if trainer.global_rank != 0:
-        return 0
-    n = int(res["n_images"])
-    summary: dict[str, Any] = {
-        "dataset": args.dataset, "root": str(args.root), "images": n, "backbone": model.backbone.name,
-        "fixed_k": args.fixed_k, "k_selector": args.k_selector, "coarse": args.coarse,
-        "preset": args.preset, "settings": _settings_summary(model),
-        "patch": {"miou": 100 * res["patch/miou"], "pixel_accuracy": 100 * res["patch/pixel_accuracy"]},
-        "mean_k": res["mean_k"], "images_per_s": n / dt if dt > 0 else None, "seconds": dt,
-    }
-    if not args.no_crf:
-        summary["pixel"] = {"miou": 100 * res["pixel/miou"], "pixel_accuracy": 100 * res["pixel/pixel_accuracy"]}
-    rows = [("patch", summary["patch"])] + ([("pixel (CRF)", summary["pixel"])] if "pixel" in summary else [])
-    print(f"\n{args.dataset} ({n} images, backbone {model.backbone.name}, "
-          f"{'fixed K=' + str(args.fixed_k) if args.fixed_k else 'adaptive K'})")
-    print("settings (preset " + repr(args.preset) + "): "
-          + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()))
-    print(f"{'variant':<12} {'mIoU':>6} {'pix.acc':>8} {'mean K':>7} {'img/s':>6}")
-    for name, r in rows:
-        print(f"{name:<12} {r['miou']:6.1f} {r['pixel_accuracy']:8.1f} {summary['mean_k']:7.2f} "
-              f"{summary['images_per_s']:6.2f}")
-    if args.json:
-        from .viz import atomic_write_bytes
-
-        atomic_write_bytes(args.json, json.dumps(summary, indent=1).encode())
-    return 0
 
 
 # ----------------------------------------------------------------------------------- parser

@@ -112,7 +112,7 @@ def test_default_batch_size_is_one_on_cpu_and_eight_on_gpu() -> None:
 
 
 def test_preset_flag_reaches_the_model_on_every_command() -> None:
-    from clasp_torch.cli import _build_model, build_parser
+    from clasp_torch.cli import build_model, build_parser
 
     parser = build_parser()
     for argv in (["segment", "x.jpg", "--out", "o"], ["eval", "--dataset", "ade20k", "--root", "r"], ["demo"],
@@ -120,9 +120,9 @@ def test_preset_flag_reaches_the_model_on_every_command() -> None:
         assert parser.parse_args(argv).preset == "paper"
         assert parser.parse_args(argv + ["--preset", "fast"]).preset == "fast"
     args = parser.parse_args(["segment", "x.jpg", "--out", "o", "--backbone", "efficientnet_lite0", "--preset", "best"])
-    model = _build_model(args, None)
+    model = build_model(args, None)
     assert model.settings.preset == "best" and model.smoothing is not None
     args = parser.parse_args(["proposals", "x.jpg", "--out", "p.json", "--backbone", "efficientnet_lite0",
                               "--preset", "fast"])
-    model = _build_model(args, None, keep_band_labels=True)  # as cmd_proposals builds it
+    model = build_model(args, None, keep_band_labels=True)  # as cmd_proposals builds it
     assert model.settings.preset == "fast" and model.settings.n_init == 1 and model.smoothing is not None
