@@ -346,35 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MINIMA: tuple[tuple[str, int], ...] = (
+    ("batch_size", 1),
+    ("max_patches", 4),
+    ("fixed_k", 2),
+    ("crf_max_pixels", 1),
+    ("writer_threads", 0),
+    ("devices", 1),
+    ("num_nodes", 1),
+    ("limit", 1),
+    ("max_per_image", 1),
+    ("min_area", 0),
+    ("band_maps", 1),
+    ("band_crf_pixels", 1),
+)
+"""The smallest value each numeric flag accepts (checked in :func:`main`)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "batch_size") and args.batch_size is None:
         args.batch_size = default_batch_size(args.device)
-    if getattr(args, "batch_size", 1) < 1:
-        parser.error("--batch-size must be >= 1")
-    if getattr(args, "max_patches", 4) < 4:
-        parser.error("--max-patches must be >= 4")
-    if getattr(args, "fixed_k", None) is not None and args.fixed_k < 2:
-        parser.error("--fixed-k must be >= 2")
-    if getattr(args, "crf_max_pixels", None) is not None and args.crf_max_pixels < 1:
-        parser.error("--crf-max-pixels must be >= 1")
-    if getattr(args, "writer_threads", None) is not None and args.writer_threads < 0:
-        parser.error("--writer-threads must be >= 0")
-    if getattr(args, "devices", None) is not None and args.devices < 1:
-        parser.error("--devices must be >= 1")
-    if getattr(args, "num_nodes", 1) < 1:
-        parser.error("--num-nodes must be >= 1")
-    if getattr(args, "limit", None) is not None and args.limit < 1:
-        parser.error("--limit must be >= 1")
-    if getattr(args, "max_per_image", 1) < 1:
-        parser.error("--max-per-image must be >= 1")
-    if getattr(args, "min_area", 0) < 0:
-        parser.error("--min-area must be >= 0")
-    if getattr(args, "band_maps", None) is not None and args.band_maps < 1:
-        parser.error("--band-maps must be >= 1")
-    if getattr(args, "band_crf_pixels", 1) < 1:
-        parser.error("--band-crf-pixels must be >= 1")
+    for dest, low in _MINIMA:  # flags absent from a command, or left at None, are not checked
+        value = getattr(args, dest, None)
+        if value is not None and value < low:
+            parser.error(f"--{dest.replace('_', '-')} must be >= {low}")
     try:
         with quiet_third_party():
             return int(args.func(args))
