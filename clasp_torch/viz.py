@@ -7,6 +7,7 @@ import contextlib
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -196,7 +197,7 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str] 
 
 
 _UMASK: int | None = None
-_UMASK_LOCK = __import__("threading").Lock()
+_UMASK_LOCK = threading.Lock()
 
 
 def _umask() -> int:
