@@ -19,7 +19,9 @@
    Sustained images/s: images after the first batch over the time from the end of the first
    batch to the last output on disk.
 3. **Bound**: usable cores / the summed host CPU time per image of the parts each format runs
-   (decode + PNG [+ overlay], or decode + Parquet row), with ``after``'s encoders.
+   (decode + PNG [+ overlay], or decode + Parquet row), with ``after``'s encoders. The parts are
+   measured at the start and at the end of each round and averaged (the runs lie in between;
+   this VM's speed drifts within minutes); ``after_over_bound_rounds`` gives each round's fraction.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from clasp_torch.io import segment_rows
 from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_loading
 from clasp_torch.sources import FileSource, decode_image
 from clasp_torch.viz import (
-    atomic_write_bytes,
+    atomic_path,
     boundaries,
     colorize,
     encode_overlay_jpeg,
@@ -87,10 +89,10 @@ def stub_labels(image: Tensor) -> Tensor:
 class _StubOutput:
     """The parts of :class:`~clasp_torch.pipeline.CLASPOutput` that ``predict_step`` reads."""
 
-    def __init__(self, labels: list[Tensor]) -> None:
+    def __init__(self, labels: list[Tensor], k: Tensor) -> None:
         self.labels_list = labels
-        self.k = torch.tensor([5] * len(labels))
-        self.k_opt = self.k
+        self.k = k
+        self.k_opt = k
 
     def label_map(self, i: int) -> Tensor:
         return self.labels_list[i]
@@ -108,6 +110,7 @@ class StubCLASP(nn.Module):
         self.backbone.patch_size, self.backbone.name = 16, "stub"  # type: ignore[assignment]
         self.max_patches = 2500
         self._cache: dict[tuple[int, int], Tensor] = {}
+        self._k: dict[int, Tensor] = {}
 
     def warm(self, paths: list[str]) -> None:
         """Compute the labels of every image size in ``paths`` now, so that ``forward`` takes
@@ -126,7 +129,10 @@ class StubCLASP(nn.Module):
 
     def forward(self, images: list[Tensor]) -> _StubOutput:
         time.sleep(self.sleep_s)
-        return _StubOutput([self._labels(im) for im in images])
+        n = len(images)
+        if n not in self._k:
+            self._k[n] = torch.full((n,), 5)
+        return _StubOutput([self._labels(im) for im in images], self._k[n])
 
 
 def pillow_jpeg(im: Image.Image | np.ndarray) -> bytes:
@@ -183,11 +189,20 @@ class LegacyFileSource(FileSource):
         return item
 
 
+def legacy_atomic_write(path: str, data: bytes) -> None:
+    """``atomic_write_bytes`` as main had it before (62a77b9): ``mkstemp``, ``chmod``, write, fsync
+    of each file, rename."""
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "r+b") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 class LegacyWriter(SegmentationWriter):
     """The PNG writer of main before this change (62a77b9), for the ``before`` figures: float
     overlay blend and Pillow JPEG (q90), label PNG at Pillow's default zlib level (6)."""
 
-    def _write_files(self, rec: dict[str, Any], name: str) -> None:
+    def _write_files(self, rec: dict[str, Any], name: str) -> list[Any]:
         labels = rec["labels"]
         base = str(safe_output_path(self.out_dir, name, ""))
         if self.overlays:
@@ -195,8 +210,9 @@ class LegacyWriter(SegmentationWriter):
             lab = labels.numpy()
             out = 0.5 * img.astype(np.float32) + 0.5 * colorize(lab).astype(np.float32)
             out[boundaries(lab)] = 255
-            atomic_write_bytes(base + "_overlay.jpg", pillow_jpeg(out.clip(0, 255).astype(np.uint8)))
-        atomic_write_bytes(base + ".png", pillow_label_png(labels, compress_level=6))
+            legacy_atomic_write(base + "_overlay.jpg", pillow_jpeg(out.clip(0, 255).astype(np.uint8)))
+        legacy_atomic_write(base + ".png", pillow_label_png(labels, compress_level=6))
+        return []  # written and fsynced file by file, as then: nothing left to commit
 
 
 def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
@@ -457,11 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                     (d / Path(p).name).symlink_to(Path(p).resolve())
                     inputs.append(str(d / Path(p).name))
         for rep in range(args.repeats):
-            rnd: dict[str, Any] = {"parts_ms": measure_parts(paths[:20], args.device)}
-            rnd["bound"] = _bound(rnd["parts_ms"], cores)
+            rnd: dict[str, Any] = {"parts_ms_start": measure_parts(paths[:20], args.device)}
             rnd["parts_ceiling"] = parts_ceiling(paths, args.images, cores)
-            print(f"round {rep} bound {rnd['bound']}  parts ceiling {rnd['parts_ceiling']}", file=sys.stderr,
-                  flush=True)
             for fmt in formats:
                 for setting in settings:
                     r = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
@@ -470,6 +483,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"cpu {r['cpu_ms']:.2f} ms/image  cores {r['cores_busy']:.2f}  "
                           f"others {r.get('others_cpu_ms', float('nan')):.2f}",
                           file=sys.stderr, flush=True)
+            # the parts again at the end of the round: this VM's speed drifts by 10-30 % within minutes,
+            # so the round's bound uses the mean of the two measurements (the runs lie between them)
+            rnd["parts_ms_end"] = measure_parts(paths[:20], args.device)
+            rnd["parts_ms"] = {k: (v + rnd["parts_ms_end"][k]) / 2 for k, v in rnd["parts_ms_start"].items()}
+            rnd["bound"] = _bound(rnd["parts_ms"], cores)
+            rnd["after_over_bound"] = {f: rnd["after"][f]["images_per_s"] / rnd["bound"][f] for f in formats}
+            print(f"round {rep} bound {rnd['bound']} (start {_bound(rnd['parts_ms_start'], cores)}, end "
+                  f"{_bound(rnd['parts_ms_end'], cores)})  after/bound {rnd['after_over_bound']}  "
+                  f"parts ceiling {rnd['parts_ceiling']}", file=sys.stderr, flush=True)
             rounds.append(rnd)
     med = statistics.median
     res: dict[str, Any] = {}
@@ -481,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     res["after_over_parts_ceiling"] = {f: res["after"][f] / res["parts_ceiling"]["processes"][f] for f in formats}
     res["ratio_after_before"] = {f: res["after"][f] / res["before"][f] for f in formats}
     res["after_over_bound"] = {f: res["after"][f] / res["bound"][f] for f in formats}
+    res["after_over_bound_rounds"] = {f: [r["after_over_bound"][f] for r in rounds] for f in formats}
     res["cpu_ms_per_image"] = {s: {f: med(r[s][f]["cpu_ms"] for r in rounds) for f in formats} for s in settings}
     res["parts_ms"] = {k: med(r["parts_ms"][k] for r in rounds) for k in rounds[0]["parts_ms"]}
     res["rounds"] = rounds

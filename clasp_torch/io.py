@@ -96,6 +96,10 @@ def label_segments(lab: np.ndarray) -> tuple[np.ndarray, list[bytes], np.ndarray
     empty = (np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros((0, 4)))
     if N == 0:
         return empty
+    if lab.dtype.itemsize > 2 and lab.dtype.kind in "iu":  # compare and sort 16-bit values when they fit
+        lo, hi = int(lab.min()), int(lab.max())
+        if -(1 << 15) <= lo and hi < (1 << 15):
+            lab = lab.astype(np.int16)
     # run starts in column-major order, found on the row-major array (no transposed copy)
     new = np.empty((H, W), dtype=bool)
     np.not_equal(lab[1:], lab[:-1], out=new[1:])
@@ -116,6 +120,7 @@ def label_segments(lab: np.ndarray) -> tuple[np.ndarray, list[bytes], np.ndarray
     n = s.size
     first = np.flatnonzero(np.concatenate(([True], v[1:] != v[:-1])))
     ids = v[first].astype(np.int64)
+    v = v.astype(np.int64, copy=False)
     S = ids.size
     nruns = np.diff(np.append(first, n))
     last = first + nruns - 1
@@ -151,7 +156,7 @@ def label_segments(lab: np.ndarray) -> tuple[np.ndarray, list[bytes], np.ndarray
     np.cumsum(groups, out=first_char[1:])
     g = np.arange(xr.size) - np.repeat(first_char[:-1], groups)
     chars = ((xr >> (5 * g)) & 0x1F) + 48
-    chars[g < np.repeat(groups - 1, groups)] += 0x20
+    chars += (g < np.repeat(groups - 1, groups)) * 0x20
     text = chars.astype(np.uint8).tobytes()
     co = first_char[seg_off].tolist()
     counts = [text[co[i]:co[i + 1]] for i in range(S)]

@@ -68,6 +68,20 @@ class CLASPPredictor(pl.LightningModule):
     def forward(self, images: Sequence[Tensor] | Tensor) -> CLASPOutput:
         return self.model(images)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move only the tensors the model reads (the ``image``, ``encoded`` and ``label`` lists)
+        of a :func:`~clasp_torch.data.collate_images` batch; paths, names, indices and errors
+        stay where they are (Lightning's default walks the whole batch, per element, even when
+        nothing moves). Other batches: Lightning's default."""
+        if not isinstance(batch, dict) or "image" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        out = dict(batch)
+        for key in ("image", "encoded", "label"):
+            if key in out:
+                out[key] = [t.to(device, non_blocking=True) if isinstance(t, Tensor) and t.device != device else t
+                            for t in out[key]]
+        return out
+
     def _segment(self, images: list[Tensor]) -> tuple[CLASPOutput | None, list[tuple[int, CLASPOutput | str]]]:
         """Segment a batch; on failure retry image by image to isolate the bad ones."""
         try:
@@ -99,8 +113,10 @@ class CLASPPredictor(pl.LightningModule):
         images: list[Tensor | None] = list(batch["image"])
         if not images:
             return records
-        meta = [{"path": batch["path"][i], "index": int(batch["index"][i]),
-                 **{k: batch[k][i] for k in extra if k in batch}} for i in range(len(images))]
+        index = batch["index"].tolist() if isinstance(batch["index"], Tensor) else list(batch["index"])
+        extras = [(k, batch[k]) for k in extra if k in batch]
+        meta = [{"path": batch["path"][i], "index": int(index[i]), **{k: v[i] for k, v in extras}}
+                for i in range(len(images))]
         if "encoded" in batch:  # JPEG bytes: decode on the model's device
             from .sources import decode_batch
 
@@ -127,6 +143,7 @@ class CLASPPredictor(pl.LightningModule):
         out, singles = self._segment(good)  # type: ignore[arg-type]
         if out is not None:
             singles = [(j, out) for j in range(len(keep))]
+        ks: dict[int, tuple[list[int], list[int]]] = {}  # one host copy of K and K_opt per output
         for j, res in singles:
             i = keep[j]
             rec: dict[str, Any] = dict(meta[i])
@@ -134,8 +151,11 @@ class CLASPPredictor(pl.LightningModule):
                 rec["error"] = res
             else:
                 r = j if out is not None else 0
+                if id(res) not in ks:
+                    ks[id(res)] = (res.k.tolist(), res.k_opt.tolist())
+                k, k_opt = ks[id(res)]
                 labels = res.label_map(r)
-                rec.update(image=images[i].cpu(), labels=labels.cpu(), k=int(res.k[r]), k_opt=int(res.k_opt[r]))
+                rec.update(image=images[i].cpu(), labels=labels.cpu(), k=int(k[r]), k_opt=int(k_opt[r]))
                 if self.overlay_on_device:
                     from .viz import overlay_tensor
 
@@ -153,12 +173,15 @@ class CLASPPredictor(pl.LightningModule):
         if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             return f"ValueError: expected a (3, H, W) RGB image, got {shape}"
+        _, H, W = image.shape
         try:
-            target_size(int(image.shape[-2]), int(image.shape[-1]), self.model.backbone.patch_size,
-                        self.model.max_patches)
+            target_size(H, W, self._patch_size(), self.model.max_patches)
         except ValueError as exc:
             return _reason(exc)
         return None
+
+    def _patch_size(self) -> int:
+        return int(self.model.backbone.patch_size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.num_classes is None:

@@ -240,12 +240,23 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[st
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, written and
-    fsynced through one descriptor, then renamed onto ``path``)."""
-    with atomic_path(path, fsync=False) as tmp, open(tmp, "r+b") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder
+    (:func:`clasp_torch.commit.stage_bytes`), fsynced, then renamed onto ``path``. For many files
+    at once, :class:`clasp_torch.commit.GroupCommitter` pays one sync per group instead."""
+    from .commit import publish, stage_bytes
+
+    staged = stage_bytes(path, data)
+    try:
+        fd = os.open(staged.tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staged.tmp)
+        raise
+    publish([staged])
 
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike[str], **save_kwargs: object) -> None:

@@ -11,20 +11,23 @@ RESULTS.md section 9): a worker *process* that received each image and label map
 4.6 ms of transfer per 640x480 image and ran the encoders 1.6x slower than in-process, a loss
 against threads once the encoders stopped holding the GIL.
 
-Nothing is marked done before it is complete on disk: in ``png`` format the label map
-``<name>.png`` is written last, after the overlay and JSON; in ``parquet`` format the part file
-``part-NNNNN.parquet`` appears (atomically) only when every input of the part has passed. So
-``--resume`` after SIGINT or SIGKILL loses nothing and repeats nothing.
+Nothing is marked done before it is complete on disk: in ``png`` format an input's files are
+staged as temporaries and committed in groups (:mod:`clasp_torch.commit`: one ``syncfs`` for the
+group, then the renames, the label map ``<name>.png`` last, after the overlay and JSON, then the
+log); in ``parquet`` format the part file ``part-NNNNN.parquet`` appears (atomically) only when
+every input of the part has passed. So ``--resume`` after SIGINT or SIGKILL loses nothing and
+repeats nothing. A group is committed when ``commit_files`` files wait or the writer's queue runs
+empty, so with a slow model each input is committed as soon as it is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +36,9 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from .commit import GroupCommitter, StagedFile, stage_bytes
 from .inputs import safe_output_path
-from .viz import atomic_write_bytes, encode_overlay_jpeg, label_png_bytes, overlay_array
+from .viz import encode_overlay_jpeg, label_png_bytes, overlay_array
 
 __all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs",
            "default_writer_threads"]
@@ -53,53 +57,92 @@ def default_writer_threads() -> int:
 
 
 class BackgroundPool:
-    """A thread pool whose queue holds at most ``max_pending`` tasks (``submit`` blocks beyond).
+    """Worker threads fed by a queue that holds at most ``max_pending`` tasks (``submit`` blocks
+    beyond).
 
     ``threads=0`` runs each task at once in the caller (the synchronous writer).
-    ``peak_pending`` records the most tasks ever queued or running (tests check the bound).
+    ``peak_pending`` records the most tasks ever queued or running (tests check the bound);
+    :attr:`queued` counts the tasks submitted and not yet started. A plain queue and counters
+    rather than ``concurrent.futures``: a submission costs a put, not a ``Future`` with its
+    callbacks (a third of the predict loop's own time per image with a fast model).
     """
 
-    def __init__(self, threads: int, max_pending: int) -> None:
+    def __init__(self, threads: int, max_pending: int, name: str = "clasp-writer") -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.threads = int(threads)
         self.max_pending = int(max_pending)
         self._slots = threading.BoundedSemaphore(self.max_pending)
-        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="clasp-writer") if self.threads else None
-        self._futures: set[Future] = set()
-        self._lock = threading.Lock()
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = 0
+        self._queued = 0
+        self._error: BaseException | None = None
         self.peak_pending = 0
+        self._workers = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                         for i in range(self.threads)]
+        for t in self._workers:
+            t.start()
+
+    @property
+    def queued(self) -> int:
+        """Tasks submitted and not yet started."""
+        return self._queued
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not yet finished."""
+        return self._pending
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in the pool; blocks while ``max_pending`` tasks are pending."""
-        if self._executor is None:
+        if not self._workers:
             fn(*args)
             return
         self._slots.acquire()
-        with self._lock:
-            fut = self._executor.submit(fn, *args)
-            self._futures.add(fut)
-            self.peak_pending = max(self.peak_pending, len(self._futures))
-        fut.add_done_callback(self._done)
+        with self._cond:
+            self._pending += 1
+            self._queued += 1
+            if self._pending > self.peak_pending:
+                self.peak_pending = self._pending
+        self._tasks.put((fn, args))
 
-    def _done(self, fut: Future) -> None:
-        with self._lock:
-            self._futures.discard(fut)
-        self._slots.release()
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            fn, args = task
+            with self._cond:
+                self._queued -= 1
+            try:
+                fn(*args)
+            except BaseException as exc:  # kept for drain(), like a Future's exception
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    if not self._pending:
+                        self._cond.notify_all()
+                self._slots.release()
 
     def drain(self) -> None:
-        """Wait for every submitted task; re-raise the first task error."""
-        while True:
-            with self._lock:
-                pending = list(self._futures)
-            if not pending:
-                return
-            for fut in pending:
-                fut.result()
+        """Wait for every submitted task; re-raise the first task error (once)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._pending)
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Let the queued tasks finish, then stop the threads."""
+        for _ in self._workers:
+            self._tasks.put(None)
+        for t in self._workers:
+            t.join()
+        self._workers = []
 
 
 def output_stem(path: str, root: str | None) -> str:
@@ -141,6 +184,7 @@ class SegmentationWriter(BasePredictionWriter):
         threads: encoder threads (``None``: :func:`default_writer_threads`; ``0``: write in
             the predict loop, synchronously).
         max_pending: bound on images queued or being written.
+        commit_files: ``png`` format: files per group commit at most (see the module notes).
         part_sizes: inputs per Parquet part for parts of files (shard parts end with a marker).
         log_name: per-rank JSON-lines log of every processed input (``<log_name>.rank<r>.jsonl``).
         report_failures: print each failed input on one line (``failed <path>: <reason>``).
@@ -158,6 +202,7 @@ class SegmentationWriter(BasePredictionWriter):
         embeddings: bool = False,
         threads: int | None = None,
         max_pending: int = 64,
+        commit_files: int = 64,
         part_sizes: dict[int, int] | None = None,
         log_name: str = ".clasp_log",
         report_failures: bool = True,
@@ -173,6 +218,8 @@ class SegmentationWriter(BasePredictionWriter):
         self.embeddings = embeddings
         self.threads = default_writer_threads() if threads is None else int(threads)
         self.max_pending = int(max_pending)
+        self.commit_files = int(commit_files)
+        self.committer = GroupCommitter(self.commit_files)
         self.part_sizes = dict(part_sizes or {})
         self.log_name = log_name
         self.report_failures = report_failures
@@ -199,6 +246,9 @@ class SegmentationWriter(BasePredictionWriter):
         self.n_ok, self.failures, self.parts_written = 0, [], []
         self._parts, self._seen, self._expected = {}, {}, dict(self.part_sizes)
         self.pool = BackgroundPool(self.threads, self.max_pending)
+        self.committer = GroupCommitter(self.commit_files)
+        if self.format == "parquet":  # fail now, not after the first part's inputs, if pyarrow is missing
+            import pyarrow.parquet  # noqa: F401
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.finish(complete=True)
@@ -213,12 +263,14 @@ class SegmentationWriter(BasePredictionWriter):
             return
         try:
             self.pool.drain()
+            self.committer.commit()
             if complete and self.format == "parquet":
                 for part in sorted(self._parts):
                     self._write_part(part)
         finally:
             self.pool.close()
             self.pool = None
+            self.committer.commit()  # inputs finished after a task error are complete: keep them
             self._close_log()
 
     def _close_log(self) -> None:
@@ -252,18 +304,34 @@ class SegmentationWriter(BasePredictionWriter):
         entry: dict[str, Any] = {"path": rec["path"], "name": self._name(rec), "index": rec["index"]}
         if "error" in rec:
             entry.update(ok=False, error=rec["error"])
+        elif self.format == "png":
+            try:
+                staged = self._write_files(rec, entry["name"])
+            except (OSError, ValueError) as exc:
+                entry.update(ok=False, error=f"could not write output: {exc}")
+            else:
+                ok = {"ok": True, "k": rec["k"], "k_opt": rec["k_opt"]}
+                full = self.committer.add(staged, lambda exc: self._committed(entry, ok, exc))
+                if full or self.pool is None or self.pool.queued == 0:  # nothing else to wait for
+                    self.committer.commit()
+                return
         else:
             try:
-                if self.format == "parquet":
-                    self._add_row(rec, entry["name"])
-                else:
-                    self._write_files(rec, entry["name"])
+                self._add_row(rec, entry["name"])
                 entry.update(ok=True, k=rec["k"], k_opt=rec["k_opt"])
             except (OSError, ValueError) as exc:
                 entry.update(ok=False, error=f"could not write output: {exc}")
         self._log(entry)
         if self.format == "parquet" and rec.get("part") is not None:
             self._count(int(rec["part"]), entry)
+
+    def _committed(self, entry: dict[str, Any], ok: dict[str, Any], exc: BaseException | None) -> None:
+        """After an input's group commit: log it done, or failed with the commit's error."""
+        if exc is None:
+            entry.update(ok)
+        else:
+            entry.update(ok=False, error=f"could not write output: {exc}")
+        self._log(entry)
 
     def _log(self, entry: dict[str, Any]) -> None:
         with self._lock:
@@ -280,21 +348,31 @@ class SegmentationWriter(BasePredictionWriter):
             _report_line(f"failed {entry['path']}: {entry['error']}")
 
     # ------------------------------------------------------------------ png format
-    def _write_files(self, rec: dict[str, Any], name: str) -> None:
+    def _write_files(self, rec: dict[str, Any], name: str) -> list[StagedFile]:
+        """Encode an input's files and stage them (temporaries, in rename order: the label map
+        last, as it marks the input done for ``--resume``); on an error nothing stays behind."""
         labels: Tensor = rec["labels"]
         # one containment check per input (the suffixes below stay in the same folder; os.replace
         # replaces a final-component symlink instead of following it)
         base = str(safe_output_path(self.out_dir, name, ""))
         lab = _uint8_labels(labels)  # one narrowing for the overlay and the PNG (same values)
-        if self.overlays:
-            ov = rec.get("overlay")  # composited on the GPU by the predictor, or here
-            if ov is None:
-                ov = overlay_array(rec["image"], lab)
-            atomic_write_bytes(base + "_overlay.jpg", encode_overlay_jpeg(ov))
-        if self.stats_json:
-            info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"], "segments": segment_statistics(labels)}
-            atomic_write_bytes(base + ".json", json.dumps(info, indent=1).encode())
-        atomic_write_bytes(base + ".png", label_png_bytes(lab))  # last: marks the input as done (--resume)
+        staged: list[StagedFile] = []
+        try:
+            if self.overlays:
+                ov = rec.get("overlay")  # composited on the GPU by the predictor, or here
+                if ov is None:
+                    ov = overlay_array(rec["image"], lab)
+                staged.append(stage_bytes(base + "_overlay.jpg", encode_overlay_jpeg(ov)))
+            if self.stats_json:
+                info = {"path": rec["path"], "k": rec["k"], "k_opt": rec["k_opt"],
+                        "segments": segment_statistics(labels)}
+                staged.append(stage_bytes(base + ".json", json.dumps(info, indent=1).encode()))
+            staged.append(stage_bytes(base + ".png", label_png_bytes(lab)))
+        except BaseException:
+            for f in staged:
+                _unlink(f.tmp)
+            raise
+        return staged
 
     # ------------------------------------------------------------------ parquet format
     def _add_row(self, rec: dict[str, Any], name: str) -> None:
@@ -342,13 +420,27 @@ class SegmentationWriter(BasePredictionWriter):
 
 def _uint8_labels(labels: Tensor) -> Any:
     """``labels`` as a uint8 array when every value lies in [0, 255] (the label PNG's range), else
-    unchanged (the PNG encoder then reports the range)."""
+    unchanged (the PNG encoder then reports the range). Signed integers are checked in one pass,
+    as unsigned (a negative value reads as a huge one)."""
     import numpy as np
 
     lab = labels.numpy() if labels.device.type == "cpu" else labels.cpu().numpy()
-    if lab.size and 0 <= lab.min() and lab.max() <= 255:
-        return lab.astype(np.uint8)
-    return labels
+    if not lab.size:
+        return labels
+    if lab.dtype == np.uint8:
+        return lab
+    if lab.dtype.kind == "i":
+        ok = lab.view(lab.dtype.str.replace("i", "u")).max() <= 255
+    else:
+        ok = 0 <= lab.min() and lab.max() <= 255
+    return lab.astype(np.uint8) if ok else labels
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _report_line(msg: str) -> None:

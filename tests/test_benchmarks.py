@@ -186,3 +186,19 @@ def test_pinned_cluster_policy_reaches_the_clustering_stage() -> None:
     with pinned_cluster_policy(gpu):
         assert policy_module.cluster_policy(cpu) is gpu and cluster.cluster_policy(cpu) is gpu
     assert policy_module.cluster_policy(cpu) == own and cluster.cluster_policy(cpu) == own
+
+
+def test_io_benchmark_reports_every_format_and_the_bound(tmp_path) -> None:
+    """``python -m benchmarks.io`` end to end on a few photos: the JSON keys of issue #12, one
+    bound per round from the parts measured at its start and end, and the real writer's files."""
+    from benchmarks.io import FORMATS, main
+
+    out = tmp_path / "io.json"
+    assert main(["--images", "12", "--repeats", "1", "--batch-size", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("before", "after", "bound"):
+        assert set(res[key]) == set(FORMATS) and all(v > 0 for v in res[key].values())
+    rnd = res["rounds"][0]
+    for part, ms in rnd["parts_ms"].items():
+        assert ms == pytest.approx((rnd["parts_ms_start"][part] + rnd["parts_ms_end"][part]) / 2)
+    assert res["after_over_bound_rounds"]["png"] == [pytest.approx(res["after"]["png"] / res["bound"]["png"])]

@@ -139,12 +139,30 @@ def test_background_pool_queue_is_bounded() -> None:
 
     for i in range(40):
         pool.submit(slow, i)
-        assert len(pool._futures) <= 3
+        assert pool.pending <= 3
     pool.drain()
     pool.close()
     assert sorted(done) == list(range(40)) and pool.peak_pending == 3
     with pytest.raises(ValueError):
         BackgroundPool(1, 0)
+
+
+def test_background_pool_drain_reraises_a_task_error_and_keeps_going() -> None:
+    pool = BackgroundPool(threads=2, max_pending=4)
+    done: list[int] = []
+
+    def task(i: int) -> None:
+        if i == 3:
+            raise KeyError("boom")
+        done.append(i)
+
+    for i in range(10):
+        pool.submit(task, i)
+    with pytest.raises(KeyError):
+        pool.drain()
+    pool.drain()  # raised once
+    pool.close()
+    assert sorted(done) == [i for i in range(10) if i != 3] and pool.pending == 0
 
 
 def test_writer_queue_bound_holds_in_a_run(tmp_path: Path) -> None:
@@ -263,6 +281,8 @@ def test_label_rles_equal_pycocotools_encode_of_each_mask() -> None:
     big = np.zeros((700, 900), np.int64)  # counts beyond 2**15: four and more 5-bit groups
     big[300:, 450:], big[0, 0], big[699, 899] = 1, 2, 3
     maps.append(big)
+    maps.append(rng.integers(-1, 3, (20, 25)) * 40000)  # ids beyond int16: compared as int64
+    maps += [rng.integers(0, 4, (12, 13)).astype(np.uint8), rng.integers(-1, 4, (12, 13)).astype(np.int32)]
     for lab in maps:
         H, W = lab.shape
         ids, rles = _label_rles(lab)
