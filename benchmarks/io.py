@@ -22,6 +22,10 @@
    (decode + PNG [+ overlay], or decode + Parquet row), with ``after``'s encoders. The parts are
    measured at the start and at the end of each round and averaged (the runs lie in between;
    this VM's speed drifts within minutes); ``after_over_bound_rounds`` gives each round's fraction.
+
+``after_over_bound`` and ``ratio_after_before`` are medians over the rounds of ratios taken within a
+round (figures measured minutes apart on this VM differ by up to 30 %); ``before``, ``after`` and
+``bound`` are the medians of the rounds' images/s, and ``after_over_bound_of_medians`` their ratio.
 """
 
 from __future__ import annotations
@@ -343,13 +347,14 @@ class _Clock:
             def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
                 if outer.t_first is None:
                     outer.t_first, outer.n_first = time.perf_counter(), len(outputs)
-                    outer.cpu_first, outer.busy_first = _own_cpu_s(), _busy_s()
+                    outer.cpu_first, outer.busy_first, outer.steal_first = _own_cpu_s(), _busy_s(), _steal_s()
 
         self.callback = CB()
         self.t_first: float | None = None
         self.n_first = 0
         self.cpu_first = 0.0
         self.busy_first: float | None = None
+        self.steal_first: float | None = None
 
 
 def _loading(setting: str) -> dict[str, Any]:
@@ -378,12 +383,22 @@ def _loading(setting: str) -> dict[str, Any]:
 
 def _busy_s() -> float | None:
     """CPU seconds the whole machine has been busy (``/proc/stat``), or None off Linux."""
+    v = _proc_stat()
+    return None if v is None else (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _steal_s() -> float | None:
+    """CPU seconds the hypervisor gave this VM's CPUs to someone else (``/proc/stat`` steal)."""
+    v = _proc_stat()
+    return None if v is None or len(v) < 8 else v[7] / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat() -> list[int] | None:
     try:
         with open("/proc/stat") as fh:
-            v = [int(x) for x in fh.readline().split()[1:]]
+            return [int(x) for x in fh.readline().split()[1:]]
     except OSError:  # pragma: no cover
         return None
-    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_s() -> float:
@@ -396,7 +411,8 @@ def _own_cpu_s() -> float:
 def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> dict[str, float]:
     """Sustained images/s of one configuration (see the module docstring), with the host CPU ms
     per image of this run (this process and its workers) and of every other process meanwhile
-    (``others_cpu_ms``: another job on the machine makes the figure unreliable)."""
+    (``others_cpu_ms``: another job on the machine makes the figure unreliable; ``steal_ms``, part
+    of it: CPU time the hypervisor gave to other guests while this VM wanted it)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = SegmentConfig(
             inputs=inputs, out=out, format="parquet" if fmt == "parquet" else "png", overlays=fmt == "png",
@@ -416,7 +432,7 @@ def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep
         run.trainer.callbacks.append(clock.callback)
         run.run()
         t_end = time.perf_counter()
-        cpu, busy = _own_cpu_s() - clock.cpu_first, _busy_s()
+        cpu, busy, steal = _own_cpu_s() - clock.cpu_first, _busy_s(), _steal_s()
         n = len(run.plan.files)
         assert clock.t_first is not None
         m = n - clock.n_first  # the images of the timed window
@@ -424,6 +440,8 @@ def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep
                "cores_busy": cpu / (t_end - clock.t_first)}
         if busy is not None and clock.busy_first is not None:
             res["others_cpu_ms"] = 1000 * (busy - clock.busy_first - cpu) / m
+        if steal is not None and clock.steal_first is not None:  # part of others_cpu_ms
+            res["steal_ms"] = 1000 * (steal - clock.steal_first) / m
         return res
 
 
@@ -481,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                     rnd.setdefault(setting, {})[fmt] = r
                     print(f"round {rep} {fmt:15s} {setting:12s} {r['images_per_s']:7.1f} images/s  "
                           f"cpu {r['cpu_ms']:.2f} ms/image  cores {r['cores_busy']:.2f}  "
-                          f"others {r.get('others_cpu_ms', float('nan')):.2f}",
+                          f"others {r.get('others_cpu_ms', float('nan')):.2f} "
+                          f"(steal {r.get('steal_ms', float('nan')):.2f})",
                           file=sys.stderr, flush=True)
             # the parts again at the end of the round: this VM's speed drifts by 10-30 % within minutes,
             # so the round's bound uses the mean of the two measurements (the runs lie between them)
@@ -501,15 +520,19 @@ def main(argv: list[str] | None = None) -> int:
     res["parts_ceiling"] = {k: {f: med(r["parts_ceiling"][k][f] for r in rounds) for f in formats}
                             for k in ("processes", "threads")}
     res["after_over_parts_ceiling"] = {f: res["after"][f] / res["parts_ceiling"]["processes"][f] for f in formats}
-    res["ratio_after_before"] = {f: res["after"][f] / res["before"][f] for f in formats}
-    res["after_over_bound"] = {f: res["after"][f] / res["bound"][f] for f in formats}
+    # ratios within a round (the same minutes of this VM), then their median over the rounds
+    res["ratio_after_before"] = {f: med(r["after"][f]["images_per_s"] / r["before"][f]["images_per_s"]
+                                        for r in rounds) for f in formats}
+    res["after_over_bound"] = {f: med(r["after_over_bound"][f] for r in rounds) for f in formats}
     res["after_over_bound_rounds"] = {f: [r["after_over_bound"][f] for r in rounds] for f in formats}
+    res["after_over_bound_of_medians"] = {f: res["after"][f] / res["bound"][f] for f in formats}
     res["cpu_ms_per_image"] = {s: {f: med(r[s][f]["cpu_ms"] for r in rounds) for f in formats} for s in settings}
     res["parts_ms"] = {k: med(r["parts_ms"][k] for r in rounds) for k in rounds[0]["parts_ms"]}
     res["rounds"] = rounds
     workers, threads = default_loading()
     res["host"] = {"usable_cores": cores, "auto_worker_processes": workers, "auto_decode_threads": threads,
-                   "writer_threads": default_writer_threads(), "images": args.images, "batch_size": args.batch_size,
+                   "writer_threads": {f: default_writer_threads(f) for f in ("png", "parquet")},
+                   "images": args.images, "batch_size": args.batch_size,
                    "stub_ms_per_batch": args.stub_ms, "repeats": args.repeats}
     text = json.dumps(res, indent=1)
     print(text)

@@ -298,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one part per shard or per 10,000 files")
     s.add_argument("--embeddings", action="store_true", help="parquet: each segment's mean patch feature")
     s.add_argument("--writer-threads", type=int, default=None,
-                   help="threads that encode and write outputs (default min(8, max(2, usable CPUs)); "
-                        "0: in the predict loop)")
+                   help="threads that encode and write outputs (default: min(8, max(2, usable CPUs)) for png, "
+                        "1 for parquet, whose row encoder holds the GIL; 0: in the predict loop)")
     s.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs on the GPU (torchvision, CUDA only)")
     s.add_argument("--no-overlay", action="store_true", help="write label maps only")
     s.add_argument("--json-stats", action="store_true", help="also write <stem>.json with per-segment boxes/areas")

@@ -88,7 +88,7 @@ class SegmentConfig:
     decode_threads: int | None = None
     writer_threads: int | None = None
     max_pending: int = 64
-    switch_interval: float | None = 2e-4
+    switch_interval: float | None = None
     gpu_decode: bool = False
     part_size: int = 10_000
     accelerator: str = "cpu"
@@ -172,8 +172,10 @@ class SegmentRun:
         old_handler = signal.getsignal(signal.SIGINT)
         old_switch = sys.getswitchinterval()
         if self.cfg.switch_interval is not None:
-            # the decode and writer threads wait for the GIL after each GIL-free encoder/decoder
-            # call; CPython's 5 ms default leaves them waiting behind the predict loop's Python
+            # an experiment's setting (benchmarks/io.py "swN"): a shorter GIL switch interval hands
+            # the GIL sooner to threads back from GIL-free encoder calls, at the cost of more
+            # switches; since the loop and writer were slimmed, CPython's 5 ms measures as good or
+            # better (RESULTS.md section 9c), so the default leaves it alone
             sys.setswitchinterval(min(old_switch, self.cfg.switch_interval))
         try:
             with warnings.catch_warnings():

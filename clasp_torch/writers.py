@@ -46,9 +46,14 @@ __all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_stati
 OutputFormat = Literal["png", "parquet"]
 
 
-def default_writer_threads() -> int:
-    """Encoder threads: as many as usable CPUs, between 2 and 8 (the encoders release the GIL and
-    wait on the disk, so one per core keeps the cores busy; measured in ``benchmarks/io.py``)."""
+def default_writer_threads(format: OutputFormat = "png") -> int:
+    """Encoder threads. ``png``: as many as usable CPUs, between 2 and 8 (the PNG and JPEG encoders
+    release the GIL and wait on the disk, so one per core keeps the cores busy). ``parquet``: one,
+    since the row encoder (many small NumPy calls) holds the GIL: it ran at 0.96x on two threads
+    against one, and a second writer thread only added contention (``benchmarks/io.py``: 0.5-0.9 ms
+    more CPU per image; RESULTS.md section 9c)."""
+    if format == "parquet":
+        return 1
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows
@@ -181,7 +186,7 @@ class SegmentationWriter(BasePredictionWriter):
         format: ``"png"`` (``<name>.png`` label maps) or ``"parquet"`` (``part-NNNNN.parquet``,
             see :mod:`clasp_torch.io`).
         embeddings: Parquet rows carry each segment's mean patch feature.
-        threads: encoder threads (``None``: :func:`default_writer_threads`; ``0``: write in
+        threads: encoder threads (``None``: :func:`default_writer_threads` of ``format``; ``0``: write in
             the predict loop, synchronously).
         max_pending: bound on images queued or being written.
         commit_files: ``png`` format: files per group commit at most (see the module notes).
@@ -216,7 +221,7 @@ class SegmentationWriter(BasePredictionWriter):
         self.stats_json = stats_json
         self.format: OutputFormat = format
         self.embeddings = embeddings
-        self.threads = default_writer_threads() if threads is None else int(threads)
+        self.threads = default_writer_threads(format) if threads is None else int(threads)
         self.max_pending = int(max_pending)
         self.commit_files = int(commit_files)
         self.committer = GroupCommitter(self.commit_files)

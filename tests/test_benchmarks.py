@@ -202,3 +202,4 @@ def test_io_benchmark_reports_every_format_and_the_bound(tmp_path) -> None:
     for part, ms in rnd["parts_ms"].items():
         assert ms == pytest.approx((rnd["parts_ms_start"][part] + rnd["parts_ms_end"][part]) / 2)
     assert res["after_over_bound_rounds"]["png"] == [pytest.approx(res["after"]["png"] / res["bound"]["png"])]
+    assert res["after_over_bound"]["png"] == pytest.approx(res["after_over_bound_of_medians"]["png"])  # one round
