@@ -109,7 +109,7 @@ step "benchmarks.scaling (CUDA)"
 within 60 "$PY" -m benchmarks.scaling --device $DEV $SCAL --out-dir "$OUTDIR" 2>&1 | tee "$OUTDIR/scaling_cuda.log" || status=1
 
 step "benchmarks.io (host path of clasp segment: parts, GPU decode, stub-model images/s)"
-within 90 "$PY" -m benchmarks.io --device $DEV --images $IMG_IO --json "$OUTDIR/io_cuda.json" 2>&1 \
+within 90 "$PY" -m benchmarks.io --device $DEV --images $IMG_IO --repeats 2 --json "$OUTDIR/io_cuda.json" 2>&1 \
   | tee "$OUTDIR/io_cuda.log" || status=1
 
 step "benchmarks.segment_e2e (clasp segment end to end on CUDA vs CLASP.forward alone, same images)"

@@ -183,6 +183,7 @@ class SegmentRun:
                 warnings.filterwarnings("ignore", ".*predict_dataloader.*")
                 warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
                 warnings.filterwarnings("ignore", ".*infer the batch indices.*")
+                warnings.filterwarnings("ignore", ".*overridden `transfer_batch_to_device`.*")  # ours, on purpose
                 self.trainer.predict(self.predictor, datamodule=self.data, return_predictions=False)
         except SystemExit:
             if not self.trainer.interrupted:  # Lightning turned a KeyboardInterrupt into exit(1)
