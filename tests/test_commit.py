@@ -187,3 +187,15 @@ def test_writer_logs_an_input_only_once_its_files_are_renamed(tmp_path: Path, th
     assert w.committer.n_committed == 20 and not list(tmp_path.glob(".*.tmp"))
     if threads == 0:
         assert w.committer.n_commits == 20
+
+
+def test_writer_thread_defaults_follow_the_format(tmp_path: Path) -> None:
+    """``png`` encoders release the GIL (one thread per CPU, 2-8); the Parquet row encoder holds it
+    (one thread)."""
+    from clasp_torch.writers import default_writer_threads
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert default_writer_threads("png") == max(2, min(8, n)) and default_writer_threads("parquet") == 1
+    assert SegmentationWriter(tmp_path, format="parquet").threads == 1
+    assert SegmentationWriter(tmp_path, format="parquet", threads=3).threads == 3
+    assert SegmentationWriter(tmp_path).threads == default_writer_threads("png")
