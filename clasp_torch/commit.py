@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -78,7 +79,7 @@ def _syncfs() -> Callable[[int], int] | None:
     global _SYNCFS
     if _SYNCFS is None:
         fn = None
-        if hasattr(os, "sched_getaffinity"):  # Linux
+        if sys.platform.startswith("linux"):
             try:
                 import ctypes
 
