@@ -37,6 +37,9 @@ class CLASPPredictor(pl.LightningModule):
         overlay_on_device: composite each overlay on the model's device (set on a GPU; on a
             CPU the writer's threads composite it).
         embeddings: records carry each segment's mean patch feature.
+        keep_images: records carry the input ``image`` (on the CPU). A writer that needs no image
+            (label maps only, Parquet, overlays composited on the device) sets False: on a GPU
+            this saves copying every image back to the host.
         clasp_kwargs: used when ``model`` is None.
 
     ``predict_step`` returns ``list[dict]`` with, per image: ``path``, ``index``, ``labels``
@@ -50,12 +53,14 @@ class CLASPPredictor(pl.LightningModule):
         *,
         overlay_on_device: bool = False,
         embeddings: bool = False,
+        keep_images: bool = True,
         **clasp_kwargs: Any,
     ) -> None:
         super().__init__()
         self.model = model if model is not None else CLASP(**clasp_kwargs)
         self.overlay_on_device = overlay_on_device
         self.embeddings = embeddings
+        self.keep_images = keep_images
         self.num_classes = num_classes
         if num_classes is not None:
             from .metrics import UnsupervisedSegmentationMetric
@@ -101,7 +106,8 @@ class CLASPPredictor(pl.LightningModule):
         """Segment a batch; returns one record per input (errors included), in input order.
 
         Records: ``path``, ``index``, and ``name``/``part`` when the batch carries them; then
-        either ``error`` or ``image`` (uint8 ``(3, H, W)``), ``labels`` (``(H, W)`` int64, CPU),
+        either ``error`` or ``image`` (uint8 ``(3, H, W)``, CPU; only with ``keep_images``), ``labels``
+        (``(H, W)`` int64, CPU),
         ``k``, ``k_opt``, plus ``overlay`` (``(3, H, W)`` uint8, CPU) when ``overlay_on_device``
         and ``embeddings`` (``(K, D)`` mean patch feature per label) when ``embeddings``.
         """
@@ -155,7 +161,9 @@ class CLASPPredictor(pl.LightningModule):
                     ks[id(res)] = (res.k.tolist(), res.k_opt.tolist())
                 k, k_opt = ks[id(res)]
                 labels = res.label_map(r)
-                rec.update(image=images[i].cpu(), labels=labels.cpu(), k=int(k[r]), k_opt=int(k_opt[r]))
+                rec.update(labels=labels.cpu(), k=int(k[r]), k_opt=int(k_opt[r]))
+                if self.keep_images:
+                    rec["image"] = images[i].cpu()
                 if self.overlay_on_device:
                     from .viz import overlay_tensor
 

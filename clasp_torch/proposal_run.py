@@ -61,7 +61,7 @@ class ProposalPredictor(CLASPPredictor):
     def __init__(
         self, model: Any, refine_band: bool = True, band: dict[str, Any] | None = None, **options: Any
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, keep_images=False)  # records drop the image: never copy it back
         self.refine_band = refine_band
         self.band = dict(band or {})
         self.options = options

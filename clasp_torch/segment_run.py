@@ -228,8 +228,9 @@ def build_segment_run(cfg: SegmentConfig, model: nn.Module, plan: InputPlan | No
     files = FileSource(plan.files, cfg.part_size, part_offset=len(plan.shards), raw_jpeg=cfg.gpu_decode)
     skip_files, skip_parts = _resume_skips(cfg, plan, files) if cfg.resume else ([], [])
     on_gpu = cfg.accelerator in ("gpu", "cuda")
-    predictor = CLASPPredictor(model, overlay_on_device=on_gpu and cfg.overlays and cfg.format == "png",
-                               embeddings=cfg.embeddings)
+    overlay_on_device = on_gpu and cfg.overlays and cfg.format == "png"
+    predictor = CLASPPredictor(model, overlay_on_device=overlay_on_device, embeddings=cfg.embeddings,
+                               keep_images=cfg.format == "png" and cfg.overlays and not overlay_on_device)
     part_sizes = dict(Counter(files.part_of(i) for i in range(len(files))))  # parts of files; shards end with a marker
     writer = SegmentationWriter(
         cfg.out, overlays=cfg.overlays, stats_json=cfg.stats_json, format=cfg.format, embeddings=cfg.embeddings,

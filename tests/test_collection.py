@@ -481,3 +481,29 @@ def test_raw_jpeg_items_are_decoded_in_predict_step_with_fallback(tmp_path: Path
     for n in ("g0.jpg", "g1.jpg", "p.png"):
         assert torch.equal(by_name[n]["image"], load_image(tmp_path / n))
         assert by_name[n]["labels"].shape == (96, 128)
+
+
+def test_records_carry_the_image_only_when_the_writer_needs_it(tmp_path: Path) -> None:
+    from clasp_torch.data import collate_images
+    from clasp_torch.lightning import CLASPPredictor
+    from clasp_torch.pipeline import CLASP
+    from clasp_torch.segment_run import SegmentConfig, build_segment_run
+    from tests.conftest import PatchMeanBackbone
+
+    torch.manual_seed(0)
+    model = CLASP(PatchMeanBackbone(), refiner=None, n_init=2)
+    batch = collate_images([{"image": torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8), "path": f"p{i}",
+                             "index": i} for i in range(2)])
+    with_img = CLASPPredictor(model).predict_step(batch, 0)
+    without = CLASPPredictor(model, keep_images=False).predict_step(batch, 0)
+    assert all("image" in r for r in with_img) and not any("image" in r for r in without)
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(with_img, without))
+    d = tmp_path / "in"
+    d.mkdir()
+    photo(0, 64, 64).save(d / "a.png")
+    keep = {}
+    for fmt, overlays in (("png", True), ("png", False), ("parquet", False)):
+        cfg = SegmentConfig(inputs=[str(d)], out=str(tmp_path / f"{fmt}{overlays}"), format=fmt, overlays=overlays,
+                            progress=False)
+        keep[(fmt, overlays)] = build_segment_run(cfg, model).predictor.keep_images
+    assert keep == {("png", True): True, ("png", False): False, ("parquet", False): False}
