@@ -347,7 +347,8 @@ class _Clock:
             def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
                 if outer.t_first is None:
                     outer.t_first, outer.n_first = time.perf_counter(), len(outputs)
-                    outer.cpu_first, outer.busy_first, outer.steal_first = _own_cpu_s(), _busy_s(), _steal_s()
+                    outer.cpu_first = _own_cpu_s()
+                    outer.busy_first, outer.steal_first = _machine_s()
 
         self.callback = CB()
         self.t_first: float | None = None
@@ -381,24 +382,17 @@ def _loading(setting: str) -> dict[str, Any]:
     return cfg
 
 
-def _busy_s() -> float | None:
-    """CPU seconds the whole machine has been busy (``/proc/stat``), or None off Linux."""
-    v = _proc_stat()
-    return None if v is None else (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _steal_s() -> float | None:
-    """CPU seconds the hypervisor gave this VM's CPUs to someone else (``/proc/stat`` steal)."""
-    v = _proc_stat()
-    return None if v is None or len(v) < 8 else v[7] / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_stat() -> list[int] | None:
+def _machine_s() -> tuple[float | None, float | None]:
+    """``(busy, steal)`` CPU seconds of the whole machine from one read of ``/proc/stat``: time
+    it has been busy, and time the hypervisor gave this VM's CPUs to someone else (part of
+    busy); None off Linux."""
     try:
         with open("/proc/stat") as fh:
-            return [int(x) for x in fh.readline().split()[1:]]
+            v = [int(x) for x in fh.readline().split()[1:]]
     except OSError:  # pragma: no cover
-        return None
+        return None, None
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(v[:8]) - v[3] - v[4]) / tick, (v[7] / tick if len(v) >= 8 else None)
 
 
 def _own_cpu_s() -> float:
@@ -432,7 +426,8 @@ def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep
         run.trainer.callbacks.append(clock.callback)
         run.run()
         t_end = time.perf_counter()
-        cpu, busy, steal = _own_cpu_s() - clock.cpu_first, _busy_s(), _steal_s()
+        cpu = _own_cpu_s() - clock.cpu_first
+        busy, steal = _machine_s()
         n = len(run.plan.files)
         assert clock.t_first is not None
         m = n - clock.n_first  # the images of the timed window

@@ -48,7 +48,6 @@ def quiet_third_party() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-
 def device_args(device: str, devices: int | None) -> dict[str, Any]:
     import torch
 
@@ -99,8 +98,6 @@ def build_model(args: argparse.Namespace, refiner: str | None, **extra: Any):
         raise CLIError(str(exc)) from None
 
 
-
-
 def prepare_out_dir(out: Path) -> None:
     """Create the output folder and make sure files can be written in it (else CLIError)."""
     import tempfile
@@ -112,4 +109,3 @@ def prepare_out_dir(out: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise CLIError(f"cannot write to the output folder {str(out)!r}: {exc.strerror or exc}") from None
-

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-__all__ = ["StagedFile", "stage_bytes", "sync_staged", "publish", "GroupCommitter"]
+__all__ = ["StagedFile", "stage_bytes", "fsync_file", "sync_staged", "publish", "discard", "GroupCommitter"]
 
 _COUNTER = itertools.count()  # temporary-file serials of this process (thread-safe in CPython)
 
@@ -68,7 +68,7 @@ def stage_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Stage
         dev = os.fstat(fd).st_dev
     except BaseException:
         os.close(fd)
-        _unlink(tmp)
+        discard([StagedFile(tmp, final, -1)])
         raise
     os.close(fd)
     return StagedFile(tmp, final, dev)
@@ -95,6 +95,15 @@ def _syncfs() -> Callable[[int], int] | None:
 _SYNCFS: Callable[[int], int] | bool | None = None
 
 
+def fsync_file(path: str) -> None:
+    """``fsync`` the file at ``path`` (its data and size on disk)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_staged(files: Sequence[StagedFile]) -> None:
     """Make the data of ``files`` durable: one ``syncfs`` per file system among them (Linux),
     else one ``fsync`` per file.
@@ -105,11 +114,7 @@ def sync_staged(files: Sequence[StagedFile]) -> None:
     syncfs = _syncfs()
     if syncfs is None:
         for f in files:
-            fd = os.open(f.tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(f.tmp)
         return
     import ctypes
 
@@ -134,16 +139,17 @@ def publish(files: Sequence[StagedFile]) -> None:
         try:
             os.replace(f.tmp, f.final)
         except BaseException:
-            for g in files[i:]:
-                _unlink(g.tmp)
+            discard(files[i:])
             raise
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def discard(files: Sequence[StagedFile]) -> None:
+    """Remove the temporaries of ``files`` (those already gone are skipped)."""
+    for f in files:
+        try:
+            os.unlink(f.tmp)
+        except OSError:
+            pass
 
 
 Done = Callable[[BaseException | None], None]
@@ -193,8 +199,7 @@ class GroupCommitter:
                 sync_staged([f for files, _ in group for f in files])
             except OSError as exc:
                 for files, done in group:
-                    for f in files:
-                        _unlink(f.tmp)
+                    discard(files)
                     done(exc)
                 return len(group)
             for files, done in group:
@@ -213,5 +218,4 @@ class GroupCommitter:
         with self._lock:
             group, self._pending, self._n_files = self._pending, [], 0
         for files, _ in group:
-            for f in files:
-                _unlink(f.tmp)
+            discard(files)

@@ -183,13 +183,10 @@ class CLASPPredictor(pl.LightningModule):
             return f"ValueError: expected a (3, H, W) RGB image, got {shape}"
         _, H, W = image.shape
         try:
-            target_size(H, W, self._patch_size(), self.model.max_patches)
+            target_size(H, W, int(self.model.backbone.patch_size), self.model.max_patches)
         except ValueError as exc:
             return _reason(exc)
         return None
-
-    def _patch_size(self) -> int:
-        return int(self.model.backbone.patch_size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.num_classes is None:

@@ -243,18 +243,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder
     (:func:`clasp_torch.commit.stage_bytes`), fsynced, then renamed onto ``path``. For many files
     at once, :class:`clasp_torch.commit.GroupCommitter` pays one sync per group instead."""
-    from .commit import publish, stage_bytes
+    from .commit import discard, fsync_file, publish, stage_bytes
 
     staged = stage_bytes(path, data)
     try:
-        fd = os.open(staged.tmp, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(staged.tmp)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(staged.tmp)
+        discard([staged])
         raise
     publish([staged])
 

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from .commit import GroupCommitter, StagedFile, stage_bytes
+from .commit import GroupCommitter, StagedFile, discard, stage_bytes
 from .inputs import safe_output_path
 from .viz import encode_overlay_jpeg, label_png_bytes, overlay_array
 
@@ -268,14 +268,13 @@ class SegmentationWriter(BasePredictionWriter):
             return
         try:
             self.pool.drain()
-            self.committer.commit()
             if complete and self.format == "parquet":
                 for part in sorted(self._parts):
                     self._write_part(part)
         finally:
             self.pool.close()
             self.pool = None
-            self.committer.commit()  # inputs finished after a task error are complete: keep them
+            self.committer.commit()  # every finished input, also after a task error (each is complete)
             self._close_log()
 
     def _close_log(self) -> None:
@@ -374,8 +373,7 @@ class SegmentationWriter(BasePredictionWriter):
                 staged.append(stage_bytes(base + ".json", json.dumps(info, indent=1).encode()))
             staged.append(stage_bytes(base + ".png", label_png_bytes(lab)))
         except BaseException:
-            for f in staged:
-                _unlink(f.tmp)
+            discard(staged)
             raise
         return staged
 
@@ -439,13 +437,6 @@ def _uint8_labels(labels: Tensor) -> Any:
     else:
         ok = 0 <= lab.min() and lab.max() <= 255
     return lab.astype(np.uint8) if ok else labels
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _report_line(msg: str) -> None:
