@@ -50,6 +50,7 @@ def stage_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Stage
     final = os.fspath(path)
     parent, name = os.path.split(final)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    made = False
     while True:
         tmp = os.path.join(parent, f".{name}.{os.getpid()}-{next(_COUNTER)}.tmp")
         try:
@@ -58,9 +59,12 @@ def stage_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Stage
         except FileExistsError:  # a leftover of a killed process with the same pid: next serial
             continue
         except FileNotFoundError:
-            if not parent or os.path.isdir(parent):
+            # the folder is missing, or was missing when the open looked (another thread may
+            # have created it since): create it (a no-op if it exists) and try once more
+            if not parent or made:
                 raise
             os.makedirs(parent, exist_ok=True)
+            made = True
     try:
         view = memoryview(data)
         while view:

@@ -31,6 +31,49 @@ def test_stage_bytes_writes_a_hidden_temporary_that_resume_removes(tmp_path: Pat
     assert Path(st.final).read_bytes() == b"x" and not Path(st.tmp).exists() and not Path(st2.tmp).exists()
 
 
+def test_stage_bytes_when_another_thread_creates_the_folder_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of two writer threads staging the first files of a new sub-folder: this thread's
+    open fails (no folder), then the other thread creates the folder before this one looks
+    again. It used to raise (an input of a real run was reported failed); now it retries."""
+    real_open, calls = os.open, []
+
+    def racing_open(path: str, *args: object) -> int:
+        calls.append(path)
+        if len(calls) == 1:
+            os.makedirs(os.path.dirname(path))  # the other thread's makedirs lands here
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(commit.os, "open", racing_open)
+    st = stage_bytes(tmp_path / "new" / "a.png", b"data")
+    assert len(calls) == 2 and Path(st.tmp).read_bytes() == b"data"
+    monkeypatch.setattr(commit.os, "open", lambda path, *a: (_ for _ in ()).throw(FileNotFoundError(2, "gone", path)))
+    with pytest.raises(FileNotFoundError):  # a folder that cannot be made to hold the file: one retry, then the error
+        stage_bytes(tmp_path / "new2" / "a.png", b"data")
+
+
+def test_concurrent_staging_into_new_folders(tmp_path: Path) -> None:
+    """Eight threads stage the first files of the same new folders at once: none fails."""
+    barrier, errors = threading.Barrier(8), []
+
+    def stage(t: int) -> None:
+        barrier.wait()
+        for d in range(20):
+            try:
+                stage_bytes(tmp_path / f"d{d}" / f"{t}.png", b"x")
+            except OSError as exc:  # pragma: no cover - the failure this test looks for
+                errors.append(exc)
+
+    threads = [threading.Thread(target=stage, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and sum(1 for _ in tmp_path.rglob("*.tmp")) == 8 * 20
+
+
 def test_stage_bytes_skips_a_leftover_temporary_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import itertools
 
