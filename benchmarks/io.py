@@ -1,6 +1,7 @@
 """Host path of ``clasp segment``: cost per image by part, and sustained images/s with a stub model.
 
-``python -m benchmarks.io [--json FILE] [--images N] [--device cpu|cuda]``
+``python -m benchmarks.io [--json FILE] [--images N] [--device cpu|cuda] [--out-root memory|disk|DIR]
+[--settings disk,...]``
 
 1. **Parts** (one thread, median over the images, COCO dev photos): decoding (Pillow on the CPU;
    on CUDA also ``torchvision.io.decode_jpeg`` on the GPU), the label PNG, the overlay (today's
@@ -22,6 +23,17 @@
    (decode + PNG [+ overlay], or decode + Parquet row), with ``after``'s encoders. The parts are
    measured at the start and at the end of each round and averaged (the runs lie in between;
    this VM's speed drifts within minutes); ``after_over_bound_rounds`` gives each round's fraction.
+
+4. **Where the outputs go** (``--out-root``): ``memory`` (the default: ``/dev/shm`` where it is a
+   writable folder, else the temp folder) or ``disk`` (the temp folder's file system) or a folder.
+   The bound counts the encoders and the decoder, not the file system, and on this VM's ext4
+   creating a file costs 0.02-0.9 ms of kernel CPU, varying from minute to minute (0.015 ms on
+   tmpfs): with outputs on disk ``after`` moved between 62 and 75 % of the bound from one round
+   to the next, with the same code. So ``after`` writes to memory by default, as the bound
+   assumes, and the part ``file_write`` (stage, group-sync and rename one label PNG) is measured
+   on each root; ``bound_with_files`` adds it (one file per input for ``png --no-overlay``,
+   two for ``png``, none for Parquet's parts of 10,000 rows) for the runs of ``--settings disk``
+   (``after`` with outputs on disk: ``after_disk_over_bound_with_files``).
 
 ``after_over_bound`` and ``ratio_after_before`` are medians over the rounds of ratios taken within a
 round (figures measured minutes apart on this VM differ by up to 30 %); ``before``, ``after`` and
@@ -47,7 +59,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from benchmarks.run import DEFAULT_IMAGE_DIR, write_outputs
+from clasp_torch.commit import GroupCommitter, stage_bytes
 from clasp_torch.data import ImageLoadError, load_image
+from clasp_torch.inputs import safe_output_path
 from clasp_torch.io import segment_rows
 from clasp_torch.segment_run import SegmentConfig, build_segment_run, default_loading
 from clasp_torch.sources import FileSource, decode_image
@@ -61,7 +75,7 @@ from clasp_torch.viz import (
     overlay_tensor,
     palette,
 )
-from clasp_torch.writers import SegmentationWriter, _uint8_labels, default_writer_threads, safe_output_path
+from clasp_torch.writers import SegmentationWriter, _uint8_labels, default_writer_threads
 
 PALETTE = palette(256).reshape(-1).tolist()
 
@@ -232,8 +246,37 @@ def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
     return 1000 * statistics.median(runs)
 
 
-def measure_parts(paths: list[str], device: str) -> dict[str, float]:
-    """Host ms per image of each part (one thread)."""
+def out_root(where: str) -> str | None:
+    """The folder that holds the runs' output folders: ``memory`` (``/dev/shm`` where it is a
+    writable folder, else the temp folder), ``disk`` (None: the temp folder), or a path."""
+    if where == "memory":
+        shm = "/dev/shm"
+        return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    if where == "disk":
+        return None
+    return where
+
+
+def file_write_ms(data: bytes, root: str | None, n: int = 256, group: int = 64) -> float:
+    """This thread's CPU ms (user + kernel) per output file of the ``png`` writer's way of writing
+    ``data``: staged in a new folder under ``root``, committed in groups of ``group``
+    (one sync, then the renames); median of 3 runs of ``n`` files."""
+    runs = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory(dir=root) as d:
+            committer = GroupCommitter(group)
+            t0 = time.thread_time()
+            for i in range(n):
+                if committer.add([stage_bytes(os.path.join(d, "sub", f"{i:06d}.png"), data)], lambda exc: None):
+                    committer.commit()
+            committer.commit()
+            runs.append(time.thread_time() - t0)
+    return 1000 * statistics.median(runs) / n
+
+
+def measure_parts(paths: list[str], device: str, root: str | None = None) -> dict[str, float]:
+    """Host ms per image of each part (one thread); ``file_write`` on ``root`` (see
+    :func:`file_write_ms`), ``file_write_disk`` on the temp folder's file system."""
     imgs = [decode_image(Path(p).read_bytes(), p) for p in paths]  # as the loaders give them
     labs = [stub_labels(im) for im in imgs]
     pairs = list(zip(imgs, labs))
@@ -261,6 +304,9 @@ def measure_parts(paths: list[str], device: str) -> dict[str, float]:
         "overlay_torch_encode_jpeg": _median_ms(tv_overlay, pairs),
         "parquet_row": _median_ms(lambda p: segment_rows(p[1]), pairs),
     }
+    png = label_png_bytes(_uint8_labels(labs[0]))
+    parts["file_write"] = file_write_ms(png, root)  # on the runs' output file system
+    parts["file_write_disk"] = parts["file_write"] if root is None else file_write_ms(png, None)
     if device == "cuda":
         from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
@@ -362,12 +408,13 @@ def _loading(setting: str) -> dict[str, Any]:
     """SegmentConfig fields of a setting: ``before`` (0 workers, synchronous writer, CPython's
     switch interval), ``after`` (the defaults), or ``after`` changed by ``_``-joined tokens:
     ``procN`` (N DataLoader worker processes), ``threadsN`` (no worker process, N decode
-    threads), ``wN`` (N writer threads), ``swN`` (GIL switch interval N microseconds)."""
+    threads), ``wN`` (N writer threads), ``swN`` (GIL switch interval N microseconds); ``disk`` is
+    :func:`throughput`'s (where the outputs go)."""
     if setting == "before":
         return {"num_workers": 0, "writer_threads": 0, "switch_interval": None}
     cfg: dict[str, Any] = {"num_workers": "auto"}
     for tok in setting.split("_"):
-        if tok == "after":
+        if tok in ("after", "disk"):
             continue
         if tok.startswith("proc"):
             cfg.update(num_workers=int(tok[4:]), decode_threads=None)
@@ -402,12 +449,18 @@ def _own_cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float) -> dict[str, float]:
+def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep_s: float,
+               root: str | None = None) -> dict[str, float]:
     """Sustained images/s of one configuration (see the module docstring), with the host CPU ms
     per image of this run (this process and its workers) and of every other process meanwhile
     (``others_cpu_ms``: another job on the machine makes the figure unreliable; ``steal_ms``, part
-    of it: CPU time the hypervisor gave to other guests while this VM wanted it)."""
-    with tempfile.TemporaryDirectory() as out:
+    of it: CPU time the hypervisor gave to other guests while this VM wanted it). Outputs go to a
+    new folder under ``root`` (None: the temp folder); a ``disk`` token in ``setting`` puts them
+    on the temp folder's file system (``disk`` alone: ``after`` there)."""
+    tokens = setting.split("_")
+    if "disk" in tokens:  # outputs on the temp folder's file system whatever the root
+        root, setting = None, "_".join(t for t in tokens if t != "disk") or "after"
+    with tempfile.TemporaryDirectory(dir=root) as out:
         cfg = SegmentConfig(
             inputs=inputs, out=out, format="parquet" if fmt == "parquet" else "png", overlays=fmt == "png",
             batch_size=batch_size, progress=False, **_loading(setting),
@@ -443,12 +496,20 @@ def throughput(inputs: list[str], fmt: str, setting: str, batch_size: int, sleep
 FORMATS = ("png_no_overlay", "png", "parquet")
 
 
-def _bound(parts: dict[str, float], cores: int) -> dict[str, float]:
+FILES_PER_IMAGE = {"png_no_overlay": 1, "png": 2, "parquet": 0}
+"""Output files per input of each format (a Parquet part holds 10,000 rows)."""
+
+
+def _bound(parts: dict[str, float], cores: int, files: str | None = None) -> dict[str, float]:
+    """``cores`` / the summed ms per image of each format's parts; with ``files`` (a part name:
+    ``file_write`` or ``file_write_disk``) also its output files' writing."""
     sums = {
         "png_no_overlay": parts["decode_cpu"] + parts["label_png"],
         "png": parts["decode_cpu"] + parts["label_png"] + parts["overlay"],
         "parquet": parts["decode_cpu"] + parts["parquet_row"],
     }
+    if files is not None:
+        sums = {k: v + FILES_PER_IMAGE[k] * parts[files] for k, v in sums.items()}
     return {k: cores / (v / 1000) for k, v in sums.items()}
 
 
@@ -464,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(see _loading)")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out-root", default="memory",
+                    help="where the runs' outputs go: memory (/dev/shm where writable), disk (the temp folder) "
+                         "or a folder; --settings disk adds after-runs with outputs on disk")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -475,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         cores = os.cpu_count() or 1
     formats = [f for f in args.formats.split(",") if f]
     settings = ["before", "after"] + [s for s in args.settings.split(",") if s]
+    root = out_root(args.out_root)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = []  # the dev photos repeated under distinct names (r0/…, r1/…)
@@ -486,11 +551,11 @@ def main(argv: list[str] | None = None) -> int:
                     (d / Path(p).name).symlink_to(Path(p).resolve())
                     inputs.append(str(d / Path(p).name))
         for rep in range(args.repeats):
-            rnd: dict[str, Any] = {"parts_ms_start": measure_parts(paths[:20], args.device)}
+            rnd: dict[str, Any] = {"parts_ms_start": measure_parts(paths[:20], args.device, root)}
             rnd["parts_ceiling"] = parts_ceiling(paths, args.images, cores)
             for fmt in formats:
                 for setting in settings:
-                    r = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000)
+                    r = throughput(inputs, fmt, setting, args.batch_size, args.stub_ms / 1000, root)
                     rnd.setdefault(setting, {})[fmt] = r
                     print(f"round {rep} {fmt:15s} {setting:12s} {r['images_per_s']:7.1f} images/s  "
                           f"cpu {r['cpu_ms']:.2f} ms/image  cores {r['cores_busy']:.2f}  "
@@ -499,10 +564,15 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr, flush=True)
             # the parts again at the end of the round: this VM's speed drifts by 10-30 % within minutes,
             # so the round's bound uses the mean of the two measurements (the runs lie between them)
-            rnd["parts_ms_end"] = measure_parts(paths[:20], args.device)
+            rnd["parts_ms_end"] = measure_parts(paths[:20], args.device, root)
             rnd["parts_ms"] = {k: (v + rnd["parts_ms_end"][k]) / 2 for k, v in rnd["parts_ms_start"].items()}
             rnd["bound"] = _bound(rnd["parts_ms"], cores)
             rnd["after_over_bound"] = {f: rnd["after"][f]["images_per_s"] / rnd["bound"][f] for f in formats}
+            rnd["bound_with_files"] = _bound(rnd["parts_ms"], cores, "file_write")
+            rnd["bound_with_files_disk"] = _bound(rnd["parts_ms"], cores, "file_write_disk")
+            if "disk" in rnd:
+                rnd["after_disk_over_bound_with_files"] = {
+                    f: rnd["disk"][f]["images_per_s"] / rnd["bound_with_files_disk"][f] for f in formats}
             print(f"round {rep} bound {rnd['bound']} (start {_bound(rnd['parts_ms_start'], cores)}, end "
                   f"{_bound(rnd['parts_ms_end'], cores)})  after/bound {rnd['after_over_bound']}  "
                   f"parts ceiling {rnd['parts_ceiling']}", file=sys.stderr, flush=True)
@@ -521,6 +591,17 @@ def main(argv: list[str] | None = None) -> int:
     res["after_over_bound"] = {f: med(r["after_over_bound"][f] for r in rounds) for f in formats}
     res["after_over_bound_rounds"] = {f: [r["after_over_bound"][f] for r in rounds] for f in formats}
     res["after_over_bound_of_medians"] = {f: res["after"][f] / res["bound"][f] for f in formats}
+    res["bound_with_files"] = {f: med(r["bound_with_files"][f] for r in rounds) for f in formats}
+    res["bound_with_files_disk"] = {f: med(r["bound_with_files_disk"][f] for r in rounds) for f in formats}
+    res["after_over_bound_with_files"] = {f: med(r["after"][f]["images_per_s"] / r["bound_with_files"][f]
+                                                 for r in rounds) for f in formats}
+    if "disk" in settings:
+        res["after_disk_over_bound"] = {f: med(r["disk"][f]["images_per_s"] / r["bound"][f] for r in rounds)
+                                        for f in formats}
+        res["after_disk_over_bound_with_files"] = {
+            f: med(r["after_disk_over_bound_with_files"][f] for r in rounds) for f in formats}
+        res["after_disk_over_bound_with_files_rounds"] = {
+            f: [r["after_disk_over_bound_with_files"][f] for r in rounds] for f in formats}
     res["cpu_ms_per_image"] = {s: {f: med(r[s][f]["cpu_ms"] for r in rounds) for f in formats} for s in settings}
     res["parts_ms"] = {k: med(r["parts_ms"][k] for r in rounds) for k in rounds[0]["parts_ms"]}
     res["rounds"] = rounds
@@ -528,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     res["host"] = {"usable_cores": cores, "auto_worker_processes": workers, "auto_decode_threads": threads,
                    "writer_threads": {f: default_writer_threads(f) for f in ("png", "parquet")},
                    "images": args.images, "batch_size": args.batch_size,
-                   "stub_ms_per_batch": args.stub_ms, "repeats": args.repeats}
+                   "stub_ms_per_batch": args.stub_ms, "repeats": args.repeats,
+                   "out_root": root or tempfile.gettempdir()}
     text = json.dumps(res, indent=1)
     print(text)
     write_outputs((args.json, text))

@@ -15,7 +15,8 @@ scan (and counted in :attr:`InputPlan.excluded`).
 
 **Untrusted names** (tar members, list entries): :func:`check_member_name` rejects absolute names,
 ``..`` components, NUL and control characters; such a sample is a per-input failure. Output paths
-are checked with :func:`safe_output_path` before anything is written.
+are checked with :func:`safe_output_path` (or :class:`OutputFolder`, the same check with the
+folders' resolution cached, for a writer) before anything is written.
 
 ``@LIST`` files hold one path per line (blank lines and lines starting with ``#`` are ignored);
 relative paths are relative to the list file's folder. Entries may be images or ``.tar`` shards.
@@ -24,6 +25,7 @@ relative paths are relative to the list file's folder. Entries may be images or 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,6 +38,7 @@ __all__ = [
     "plan_inputs",
     "check_member_name",
     "safe_output_path",
+    "OutputFolder",
     "member_key",
 ]
 
@@ -81,8 +84,11 @@ class InputPlan:
     root: str | None = None
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+    return _CONTROL.search(text) is not None
 
 
 def check_member_name(name: str) -> str | None:
@@ -102,7 +108,7 @@ def check_member_name(name: str) -> str | None:
     norm = name.replace("\\", "/")
     if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
         return f"unsafe name {name!r}: absolute path"
-    if ".." in PurePosixPath(norm).parts:
+    if ".." in norm.split("/"):  # a ".." component (PurePosixPath(norm).parts, without the object)
         return f"unsafe name {name!r}: contains '..'"
     return None
 
@@ -134,6 +140,47 @@ def safe_output_path(out_dir: str | os.PathLike[str], name: str, suffix: str) ->
     if target != base and base not in target.parents:
         raise ValueError(f"output path {target} escapes the output folder {base}")
     return base / (name + suffix)
+
+
+class OutputFolder:
+    """:func:`safe_output_path` for many names under one folder, as strings: the folder is resolved
+    once and each sub-folder once (a writer checks every input; two ``Path.resolve`` calls per
+    name cost 0.1 ms, a tenth of the label PNG's encoding).
+
+    The check is the same: a name must pass :func:`check_member_name` and its parent folder must
+    resolve inside the output folder; a target that is itself a symlink is resolved in full, as
+    :func:`safe_output_path` does. A sub-folder is resolved when first seen, so one replaced by a
+    symlink later in a run is not noticed (the output folder is the run's own).
+
+    Example:
+        >>> import tempfile; d = tempfile.mkdtemp()
+        >>> OutputFolder(d).path("a/b", ".png") == os.path.join(os.path.realpath(d), "a", "b.png")
+        True
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.base = os.path.realpath(os.fspath(out_dir))
+        self._inside: set[str] = {self.base}
+
+    def path(self, name: str, suffix: str) -> str:
+        """``out_dir/name+suffix`` (resolved folder, ``/``-separated name as given).
+
+        Raises:
+            ValueError: as :func:`safe_output_path`.
+        """
+        reason = check_member_name(name)
+        if reason is not None:
+            raise ValueError(reason)
+        target = os.path.join(self.base, name + suffix)
+        parent = os.path.dirname(target)
+        if parent not in self._inside:
+            real = os.path.realpath(parent)
+            if real != self.base and not real.startswith(self.base.rstrip(os.sep) + os.sep):
+                raise ValueError(f"output path {target} escapes the output folder {self.base}")
+            self._inside.add(parent)
+        if os.path.islink(target):
+            safe_output_path(self.base, name, suffix)
+        return target
 
 
 def _abs(path: str | os.PathLike[str]) -> str:

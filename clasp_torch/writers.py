@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from .commit import GroupCommitter, StagedFile, discard, stage_bytes
-from .inputs import safe_output_path
+from .inputs import OutputFolder
 from .viz import encode_overlay_jpeg, label_png_bytes, overlay_array
 
 __all__ = ["BackgroundPool", "SegmentationWriter", "output_stem", "segment_statistics", "read_logs",
@@ -229,6 +229,7 @@ class SegmentationWriter(BasePredictionWriter):
         self.log_name = log_name
         self.report_failures = report_failures
         self.pool: BackgroundPool | None = None
+        self._folder: OutputFolder | None = None
         self._log_fh: Any = None
         self._lock = threading.Lock()
         self._rank = 0
@@ -245,6 +246,7 @@ class SegmentationWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._folder = OutputFolder(self.out_dir)
         self._rank = trainer.global_rank
         self._close_log()
         self._log_fh = open(self.log_path(self._rank), "w", encoding="utf-8", buffering=1)  # a write per line
@@ -358,7 +360,9 @@ class SegmentationWriter(BasePredictionWriter):
         labels: Tensor = rec["labels"]
         # one containment check per input (the suffixes below stay in the same folder; os.replace
         # replaces a final-component symlink instead of following it)
-        base = str(safe_output_path(self.out_dir, name, ""))
+        if self._folder is None:  # a writer used outside a run
+            self._folder = OutputFolder(self.out_dir)
+        base = self._folder.path(name, "")
         lab = _uint8_labels(labels)  # one narrowing for the overlay and the PNG (same values)
         staged: list[StagedFile] = []
         try:

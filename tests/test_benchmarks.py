@@ -191,10 +191,13 @@ def test_pinned_cluster_policy_reaches_the_clustering_stage() -> None:
 def test_io_benchmark_reports_every_format_and_the_bound(tmp_path) -> None:
     """``python -m benchmarks.io`` end to end on a few photos: the JSON keys of issue #12, one
     bound per round from the parts measured at its start and end, and the real writer's files."""
-    from benchmarks.io import FORMATS, main
+    from benchmarks.io import FILES_PER_IMAGE, main
+
+    FORMATS = ("png_no_overlay", "png")
 
     out = tmp_path / "io.json"
-    assert main(["--images", "12", "--repeats", "1", "--batch-size", "4", "--json", str(out)]) == 0
+    assert main(["--images", "12", "--repeats", "1", "--batch-size", "4", "--settings", "disk",
+                 "--formats", "png_no_overlay,png", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     for key in ("before", "after", "bound"):
         assert set(res[key]) == set(FORMATS) and all(v > 0 for v in res[key].values())
@@ -203,3 +206,14 @@ def test_io_benchmark_reports_every_format_and_the_bound(tmp_path) -> None:
         assert ms == pytest.approx((rnd["parts_ms_start"][part] + rnd["parts_ms_end"][part]) / 2)
     assert res["after_over_bound_rounds"]["png"] == [pytest.approx(res["after"]["png"] / res["bound"]["png"])]
     assert res["after_over_bound"]["png"] == pytest.approx(res["after_over_bound_of_medians"]["png"])  # one round
+    # the bound with the output files: each format's ms per image plus its files' writing
+    parts = rnd["parts_ms"]
+    for fmt in FORMATS:
+        for files, key in (("file_write", "bound_with_files"), ("file_write_disk", "bound_with_files_disk")):
+            want = 1000 * res["host"]["usable_cores"] / rnd[key][fmt]
+            got = 1000 * res["host"]["usable_cores"] / rnd["bound"][fmt] + FILES_PER_IMAGE[fmt] * parts[files]
+            assert want == pytest.approx(got), (fmt, key)
+        assert rnd["disk"][fmt]["images_per_s"] > 0
+        assert res["after_disk_over_bound_with_files"][fmt] == pytest.approx(
+            rnd["disk"][fmt]["images_per_s"] / rnd["bound_with_files_disk"][fmt])
+    assert parts["file_write"] > 0 and parts["file_write_disk"] > 0

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from clasp_torch.cli import main
-from clasp_torch.inputs import check_member_name, plan_inputs, safe_output_path
+from clasp_torch.inputs import OutputFolder, check_member_name, plan_inputs, safe_output_path
 from tests.conftest import photo
 
 SEG = ["--backbone", "efficientnet_lite0", "--no-crf", "--device", "cpu", "--quiet", "--no-overlay",
@@ -109,6 +109,35 @@ def test_check_member_name_rejects_unsafe_names() -> None:
         assert check_member_name(good) is None, good
     with pytest.raises(ValueError):
         safe_output_path("/tmp/out", "../x", ".png")
+
+
+def test_output_folder_checks_as_safe_output_path(tmp_path: Path) -> None:
+    """OutputFolder (the writer's cached check) accepts and rejects exactly what safe_output_path
+    does, and gives the same paths."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (out / "link_dir").symlink_to(outside)  # a sub-folder that leads out
+    (out / "inner_link").symlink_to(out / "sub")  # one that stays inside
+    (out / "sub" / "leaf.png").symlink_to(outside / "x.png")  # a target that is itself a link out
+    folder = OutputFolder(out)
+    names = ["a", "sub/b", "new/deeper/c", "inner_link/d", "link_dir/e", "sub/leaf", "../x", "/abs",
+             "a\x00b", "", "dots.in.name", "sub/../../x", "new/../../x", "tab\tname"]
+    outcomes = []
+    for name in names * 2:  # the second pass uses the cache
+        try:
+            want: str | None = str(safe_output_path(out, name, ".png"))
+        except ValueError:
+            want = None
+        try:
+            got: str | None = folder.path(name, ".png")
+        except ValueError:
+            got = None
+        assert got == want, name
+        outcomes.append(got is not None)
+    assert outcomes[: len(names)] == [True, True, True, True, False, False, False, False,
+                                      False, False, True, False, False, False]
+    assert folder.path("sub/b", ".png") == os.path.join(os.path.realpath(out), "sub", "b.png")
 
 
 def _tar(path: Path, members: dict[str, bytes]) -> None:
