@@ -246,12 +246,20 @@ def _median_ms(fn: Any, items: list[Any], repeats: int = 3) -> float:
     return 1000 * statistics.median(runs)
 
 
+MEMORY_ROOT_MIN_FREE = 1 << 30
+"""Free bytes ``/dev/shm`` needs to hold the runs' outputs (containers often give it 64 MiB)."""
+
+
 def out_root(where: str) -> str | None:
     """The folder that holds the runs' output folders: ``memory`` (``/dev/shm`` where it is a
-    writable folder, else the temp folder), ``disk`` (None: the temp folder), or a path."""
+    writable folder with :data:`MEMORY_ROOT_MIN_FREE` free, else the temp folder), ``disk`` (None:
+    the temp folder), or a path. The JSON's ``host.out_root`` says which was used."""
     if where == "memory":
+        import shutil
+
         shm = "/dev/shm"
-        return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        ok = os.path.isdir(shm) and os.access(shm, os.W_OK)
+        return shm if ok and shutil.disk_usage(shm).free >= MEMORY_ROOT_MIN_FREE else None
     if where == "disk":
         return None
     return where

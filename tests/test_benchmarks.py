@@ -217,3 +217,21 @@ def test_io_benchmark_reports_every_format_and_the_bound(tmp_path) -> None:
         assert res["after_disk_over_bound_with_files"][fmt] == pytest.approx(
             rnd["disk"][fmt]["images_per_s"] / rnd["bound_with_files_disk"][fmt])
     assert parts["file_write"] > 0 and parts["file_write_disk"] > 0
+
+
+def test_io_benchmark_out_root_falls_back_to_disk_when_shm_is_small(monkeypatch) -> None:
+    """``--out-root memory`` uses /dev/shm only with room for the runs' outputs (a container's
+    64 MiB /dev/shm would fill and fail inputs): else the temp folder (None)."""
+    import shutil
+    from collections import namedtuple
+
+    from benchmarks import io as bio
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(bio.os.path, "isdir", lambda p: True)
+    monkeypatch.setattr(bio.os, "access", lambda p, mode: True)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 26, 0, 1 << 26))
+    assert bio.out_root("memory") is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 34, 0, 1 << 33))
+    assert bio.out_root("memory") == "/dev/shm"
+    assert bio.out_root("disk") is None and bio.out_root("/some/folder") == "/some/folder"
