@@ -179,7 +179,10 @@ if os.path.exists(p):
     d = json.load(open(p))
     for f in ("png_no_overlay", "png", "parquet"):
         print(f"clasp segment host path, stub model, {f}: {d['after'][f]:.0f} img/s (before {d['before'][f]:.0f}, "
-              f"bound {d['bound'][f]:.0f}); parts ms: " + ", ".join(f"{k} {v:.2f}" for k, v in d["parts_ms"].items()))
+              f"bound {d['bound'][f]:.0f}; after/bound {d['after_over_bound'][f]:.0%} median of rounds, "
+              f"after/before {d['ratio_after_before'][f]:.2f}x)")
+    print(f"host path parts (ms per image, one thread; outputs under {d['host'].get('out_root')}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in d["parts_ms"].items()))
 p = os.path.join(out, "segment_e2e_cuda.json")
 if os.path.exists(p):
     d = json.load(open(p))
