@@ -27,7 +27,7 @@
 4. **Where the outputs go** (``--out-root``): ``memory`` (the default: ``/dev/shm`` where it is a
    writable folder, else the temp folder) or ``disk`` (the temp folder's file system) or a folder.
    The bound counts the encoders and the decoder, not the file system, and on this VM's ext4
-   creating a file costs 0.02-0.9 ms of kernel CPU, varying from minute to minute (0.015 ms on
+   creating a file costs 0.03-0.96 ms of kernel CPU, varying from minute to minute (0.015 ms on
    tmpfs): with outputs on disk ``after`` moved between 62 and 75 % of the bound from one round
    to the next, with the same code. So ``after`` writes to memory by default, as the bound
    assumes, and the part ``file_write`` (stage, group-sync and rename one label PNG) is measured
@@ -416,13 +416,12 @@ def _loading(setting: str) -> dict[str, Any]:
     """SegmentConfig fields of a setting: ``before`` (0 workers, synchronous writer, CPython's
     switch interval), ``after`` (the defaults), or ``after`` changed by ``_``-joined tokens:
     ``procN`` (N DataLoader worker processes), ``threadsN`` (no worker process, N decode
-    threads), ``wN`` (N writer threads), ``swN`` (GIL switch interval N microseconds); ``disk`` is
-    :func:`throughput`'s (where the outputs go)."""
+    threads), ``wN`` (N writer threads), ``swN`` (GIL switch interval N microseconds)."""
     if setting == "before":
         return {"num_workers": 0, "writer_threads": 0, "switch_interval": None}
     cfg: dict[str, Any] = {"num_workers": "auto"}
     for tok in setting.split("_"):
-        if tok in ("after", "disk"):
+        if tok == "after":
             continue
         if tok.startswith("proc"):
             cfg.update(num_workers=int(tok[4:]), decode_threads=None)
@@ -578,9 +577,6 @@ def main(argv: list[str] | None = None) -> int:
             rnd["after_over_bound"] = {f: rnd["after"][f]["images_per_s"] / rnd["bound"][f] for f in formats}
             rnd["bound_with_files"] = _bound(rnd["parts_ms"], cores, "file_write")
             rnd["bound_with_files_disk"] = _bound(rnd["parts_ms"], cores, "file_write_disk")
-            if "disk" in rnd:
-                rnd["after_disk_over_bound_with_files"] = {
-                    f: rnd["disk"][f]["images_per_s"] / rnd["bound_with_files_disk"][f] for f in formats}
             print(f"round {rep} bound {rnd['bound']} (start {_bound(rnd['parts_ms_start'], cores)}, end "
                   f"{_bound(rnd['parts_ms_end'], cores)})  after/bound {rnd['after_over_bound']}  "
                   f"parts ceiling {rnd['parts_ceiling']}", file=sys.stderr, flush=True)
@@ -601,15 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     res["after_over_bound_of_medians"] = {f: res["after"][f] / res["bound"][f] for f in formats}
     res["bound_with_files"] = {f: med(r["bound_with_files"][f] for r in rounds) for f in formats}
     res["bound_with_files_disk"] = {f: med(r["bound_with_files_disk"][f] for r in rounds) for f in formats}
-    res["after_over_bound_with_files"] = {f: med(r["after"][f]["images_per_s"] / r["bound_with_files"][f]
-                                                 for r in rounds) for f in formats}
+
+
+    def by_round(setting: str, bound: str) -> dict[str, list[float]]:
+        """Each round's images/s of ``setting`` over its ``bound``, per format."""
+        return {f: [r[setting][f]["images_per_s"] / r[bound][f] for r in rounds] for f in formats}
+
+    res["after_over_bound_with_files"] = {f: med(v) for f, v in by_round("after", "bound_with_files").items()}
     if "disk" in settings:
-        res["after_disk_over_bound"] = {f: med(r["disk"][f]["images_per_s"] / r["bound"][f] for r in rounds)
-                                        for f in formats}
+        res["after_disk_over_bound"] = {f: med(v) for f, v in by_round("disk", "bound").items()}
+        res["after_disk_over_bound_with_files_rounds"] = by_round("disk", "bound_with_files_disk")
         res["after_disk_over_bound_with_files"] = {
-            f: med(r["after_disk_over_bound_with_files"][f] for r in rounds) for f in formats}
-        res["after_disk_over_bound_with_files_rounds"] = {
-            f: [r["after_disk_over_bound_with_files"][f] for r in rounds] for f in formats}
+            f: med(v) for f, v in res["after_disk_over_bound_with_files_rounds"].items()}
     res["cpu_ms_per_image"] = {s: {f: med(r[s][f]["cpu_ms"] for r in rounds) for f in formats} for s in settings}
     res["parts_ms"] = {k: med(r["parts_ms"][k] for r in rounds) for k in rounds[0]["parts_ms"]}
     res["rounds"] = rounds
